@@ -1,0 +1,203 @@
+"""Find the samples of one split in an ImageNet-style folder tree.
+
+Layouts understood (``root`` is ``--src``; the split folder is ``root/<split>`` when it exists, else ``root``):
+
+* class folders: ``<split>/<class>/*.JPEG`` (ImageNet train, val re-arranged into folders, any ImageFolder);
+* flat with a label file: ``<split>/*.JPEG`` plus ``LOC_val_solution.csv`` (Kaggle ImageNet: ``ImageId,``
+  then a prediction string whose first word is the wnid) or lines ``<file> <label>`` (label a class name
+  or an integer index), given with ``--labels`` or found beside the images or in ``root``.
+
+Class indices are the sorted class-folder names, as torchvision's ImageFolder and timm number them, so
+official DeiT/CaiT checkpoints' outputs mean the same classes. An empty class folder keeps its index (it
+is reported, not dropped: dropping it would shift every later class).
+
+The scan only lists and stats files; reading and checking the bytes happens when shards are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}
+)
+LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val.txt")
+
+
+class SourceError(ValueError):
+    """The source tree cannot be turned into a dataset; the message says which path and what to do."""
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    relpath: str  # path relative to the split folder, '/'-separated
+    label: int
+    size: int  # bytes on disk, used to cut shards to size before reading anything
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass
+class SourceListing:
+    split_dir: Path
+    layout: str  # "class-folders" or "flat+labels"
+    classes: list[str]
+    samples: list[SourceSample]
+    skipped: list[Skipped] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+
+def display_path(relpath: str) -> str:
+    """A printable form of a file name that may hold undecodable bytes (kept as surrogates by os)."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def resolve_split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise SourceError(f"--src {root}: not a folder; pass the ImageNet root or one split's folder")
+    candidate = root / split
+    return candidate if candidate.is_dir() else root
+
+
+def scan(root: str | os.PathLike, split: str = "train", labels_file: str | None = None,
+         classes: list[str] | None = None) -> SourceListing:
+    """List the samples of ``split`` under ``root``; ``classes`` fixes the index of each class name."""
+    root = Path(root)
+    split_dir = resolve_split_dir(root, split)
+    entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    class_dirs = [e for e in entries if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")]
+    loose_images = [e for e in entries if e.is_file() and is_image_name(e.name)]
+    if loose_images and (labels_file or not class_dirs):
+        return _scan_flat(root, split_dir, loose_images, entries, labels_file, classes)
+    if not class_dirs:
+        raise SourceError(
+            f"{split_dir}: no class folders and no images; expected {split_dir}/<class>/*.JPEG "
+            f"or images with a label file (--labels)"
+        )
+    return _scan_class_folders(split_dir, class_dirs, loose_images, classes)
+
+
+def _scan_class_folders(split_dir: Path, class_dirs: list[os.DirEntry], loose: list[os.DirEntry],
+                        classes: list[str] | None) -> SourceListing:
+    names = [d.name for d in class_dirs]
+    if classes is None:
+        classes = names
+    else:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise SourceError(
+                f"{split_dir}: class folders {unknown[:5]} are not in the given class list "
+                f"({len(classes)} classes); build the train split first or pass the matching --classes"
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    samples: list[SourceSample] = []
+    skipped = [Skipped(e.name, "image outside any class folder") for e in loose]
+    empty: list[str] = []
+    for class_dir in class_dirs:
+        found = 0
+        for relpath, size in _walk_files(Path(class_dir.path), class_dir.name, skipped):
+            samples.append(SourceSample(relpath, index[class_dir.name], size))
+            found += 1
+        if found == 0:
+            empty.append(class_dir.name)
+    return SourceListing(split_dir, "class-folders", list(classes), samples, skipped, empty)
+
+
+def _walk_files(folder: Path, prefix: str, skipped: list[Skipped]) -> list[tuple[str, int]]:
+    """Image files below ``folder`` (sorted, symlinked folders not followed, so loops cannot trap us)."""
+    found: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, folder)
+        for name in sorted(filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            relpath = f"{prefix}/{rel}"
+            full = os.path.join(dirpath, name)
+            if not is_image_name(name):
+                skipped.append(Skipped(display_path(relpath), "not an image file (extension)"))
+                continue
+            try:
+                size = os.stat(full).st_size
+            except OSError as exc:  # dangling symlink, permission denied
+                skipped.append(Skipped(display_path(relpath), f"cannot stat: {exc.strerror}"))
+                continue
+            found.append((relpath, size))
+    return found
+
+
+def _scan_flat(root: Path, split_dir: Path, images: list[os.DirEntry], entries: list[os.DirEntry],
+               labels_file: str | None, classes: list[str] | None) -> SourceListing:
+    path = Path(labels_file) if labels_file else _find_label_file(root, split_dir)
+    if path is None:
+        raise SourceError(
+            f"{split_dir}: images without class folders need a label file; pass --labels FILE "
+            f"(LOC_val_solution.csv, or lines '<file> <label>'), or arrange them as <class>/<file>"
+        )
+    labels = read_label_file(path)
+    if classes is None:
+        textual = sorted({v for v in labels.values() if not v.isdigit()})
+        if textual:
+            classes = textual
+        else:
+            classes = [str(i) for i in range(max(int(v) for v in labels.values()) + 1)]
+    index = {name: i for i, name in enumerate(classes)}
+    samples: list[SourceSample] = []
+    skipped = [Skipped(e.name, "not an image file (extension)") for e in entries
+               if e.is_file() and not is_image_name(e.name) and Path(e.path) != path]
+    for entry in images:
+        label_text = labels.get(entry.name) or labels.get(os.path.splitext(entry.name)[0])
+        if label_text is None:
+            skipped.append(Skipped(display_path(entry.name), f"no label in {path.name}"))
+            continue
+        label = int(label_text) if label_text.isdigit() else index.get(label_text)
+        if label is None or not 0 <= label < len(classes):
+            skipped.append(Skipped(display_path(entry.name), f"label {label_text!r} is not a known class"))
+            continue
+        samples.append(SourceSample(entry.name, label, entry.stat().st_size))
+    return SourceListing(split_dir, "flat+labels", list(classes), samples, skipped, [])
+
+
+def _find_label_file(root: Path, split_dir: Path) -> Path | None:
+    for folder in (split_dir, root, root.parent):
+        for name in LABEL_FILE_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_label_file(path: Path) -> dict[str, str]:
+    """Map image name (with or without extension) -> label text, from either supported format."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(f"--labels {path}: cannot read ({exc.strerror})") from None
+    labels: dict[str, str] = {}
+    if text.startswith("ImageId,"):  # Kaggle LOC_val_solution.csv: ImageId,PredictionString
+        for row in csv.DictReader(text.splitlines()):
+            words = (row.get("PredictionString") or "").split()
+            if words:
+                labels[row["ImageId"]] = words[0]
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2:
+                raise SourceError(f"{path}:{number}: expected '<file> <label>', got {line!r}")
+            labels[unicodedata.normalize("NFC", parts[0])] = parts[1]
+            labels.setdefault(parts[0], parts[1])
+    if not labels:
+        raise SourceError(f"{path}: no labels found; expected LOC_val_solution.csv or '<file> <label>' lines")
+    return labels
