@@ -180,6 +180,8 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
     parts: dict[int, dict[str, Any]] = {}
     fs.invalidate_cache(root)
     dfs.invalidate_cache(droot)
+    for stale in dfs.glob(f"{droot}/.tmp-*-{cfg.split}-*.tar"):  # left by writers killed mid-shard
+        dfs.rm(stale)
     existing = set(dfs.ls(droot, detail=False)) if dfs.exists(droot) else set()
     sizes = {p.rsplit("/", 1)[-1]: dfs.size(p) for p in existing if p.endswith(".tar")}
     for index in range(len(plan.shards)):
@@ -246,7 +248,7 @@ def _finish(cfg: BuildConfig, plan: ShardPlan, listing: SourceListing, parts: li
                     "max_side": cfg.max_side, "verify_decode": cfg.verify_decode},
         "report": report["counts"], "created_by": f"distillery {__version__}",
     }
-    write_info(cfg.dst, info)  # the commit point: readers need this file
+    info = write_info(cfg.dst, info)  # the commit point: readers need this file
     state = build_dir(cfg.dst, cfg.split)
     sfs, sroot = state.fs_and_path()
     if sfs.exists(sroot):

@@ -107,9 +107,12 @@ def read_classes(dst: Location) -> list[str] | None:
     return list(value["classes"])
 
 
-def write_info(dst: Location, info: dict[str, Any]) -> None:
+def write_info(dst: Location, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``S.dataset.json`` (format and version first) and return what was written."""
+    value = {"format": FORMAT, "version": FORMAT_VERSION, **info}
     fs, root = dst.fs_and_path()
-    write_json(fs, f"{root}/{info['split']}.dataset.json", {"format": FORMAT, "version": FORMAT_VERSION, **info})
+    write_json(fs, f"{root}/{info['split']}.dataset.json", value)
+    return value
 
 
 def read_info(dst: Location, split: str) -> DatasetInfo:
