@@ -62,10 +62,10 @@ def bench_build(src: str | None = None, images: int = 2000, split: str = "train"
         copy_s, build_s = [], []
         for r in range(repeat):
             out_copy, out_build = Path(tmp) / f"copy{r}", Path(tmp) / f"build{r}"
-            copy_s.append(_timed(lambda: plain_copy(files, str(listing.split_dir), str(out_copy), workers)))
-            build_s.append(_timed(lambda: build_shards(BuildConfig(
-                src=src, dst=Location(str(out_build)), split=split, shard_bytes=shard_bytes,
-                workers=workers, max_bad=1.0))))
+            copy_s.append(_timed(lambda o=out_copy: plain_copy(files, str(listing.split_dir), str(o), workers)))
+            build_s.append(_timed(lambda o=out_build: build_shards(BuildConfig(
+                src=src, dst=Location(str(o)), split=split, shard_bytes=shard_bytes, workers=workers,
+                max_bad=1.0))))
             shutil.rmtree(out_copy)
             shutil.rmtree(out_build)
     n, mb = len(files), total / 1e6

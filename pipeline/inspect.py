@@ -13,9 +13,9 @@ import io
 import logging
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image

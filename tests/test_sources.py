@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 
 from pipeline.build import BuildConfig, BuildError, build_shards
@@ -14,8 +15,6 @@ from pipeline.storage import Location
 from pipeline.synthetic import jpeg_bytes
 from tests.imagetree import make_tree
 from tests.shards import read_manifest_rows
-
-import numpy as np
 
 
 def _flat_val(root: Path, wnids: list[str], per_class: int = 2) -> dict[str, str]:

@@ -1,0 +1,132 @@
+"""Batch-level augmentation on the torch batch of views (GPU in training, CPU in tests).
+
+Order and semantics are timm's train transform, as DeiT uses it: RandAugment on uint8 views ->
+normalise with the ImageNet mean/std -> random erasing (pixel mode) -> Mixup/CutMix of the batch with
+label-smoothed targets. Every random choice is drawn on the host from the step's seeded generator
+(`pipeline.views.step_rng`), so a resumed run repeats it; the tensor work is batched, with no per-image
+Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import AugmentConfig, MixConfig
+
+# timm's RandomErasing defaults (timm/data/random_erasing.py), which DeiT uses
+ERASE_MIN_AREA, ERASE_MAX_AREA, ERASE_MIN_ASPECT, ERASE_ATTEMPTS = 0.02, 1 / 3, 0.3, 10
+
+
+@dataclass(frozen=True)
+class MixParams:
+    lam: float
+    cutmix_box: tuple[int, int, int, int] | None  # (y0, y1, x0, x1) when CutMix was chosen
+
+
+def normalize(views: torch.Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> (x/255 - mean) / std, keeping the memory format (channels_last stays)."""
+    mean = torch.tensor(cfg.mean, device=views.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(cfg.std, device=views.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    return ((views.float() - mean) * inv_std).to(dtype)
+
+
+def draw_erase_boxes(rng: np.random.Generator, n: int, height: int, width: int, prob: float) -> np.ndarray:
+    """timm's RandomErasing._erase per image: with ``prob``, up to 10 attempts at an area in
+    [0.02, 1/3] and a log-uniform aspect in [0.3, 1/0.3]; int64 [n, 4] (top, left, h, w), h = 0: none."""
+    area = height * width
+    target = rng.uniform(ERASE_MIN_AREA, ERASE_MAX_AREA, size=(n, ERASE_ATTEMPTS)) * area
+    log_ratio = (math.log(ERASE_MIN_ASPECT), math.log(1 / ERASE_MIN_ASPECT))
+    aspect = np.exp(rng.uniform(*log_ratio, size=(n, ERASE_ATTEMPTS)))
+    h = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    w = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    ok = (w < width) & (h < height)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(n)
+    apply = (rng.random(n) < prob) & ok[rows, first]
+    h, w = h[rows, first] * apply, w[rows, first] * apply
+    top = np.floor(rng.random(n) * (height - h + 1)).astype(np.int64)  # random.randint(0, H - h)
+    left = np.floor(rng.random(n) * (width - w + 1)).astype(np.int64)
+    return np.stack([top, left, h, w], axis=1)
+
+
+def random_erase(x: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+    """Fill each box with per-pixel standard-normal noise (timm's 'pixel' mode), all images at once."""
+    if not boxes[:, 2].any():
+        return x
+    n, _, height, width = x.shape
+    b = torch.as_tensor(boxes, device=x.device)
+    ys = torch.arange(height, device=x.device).view(1, height, 1)
+    xs = torch.arange(width, device=x.device).view(1, 1, width)
+    top, left, h, w = (b[:, i].view(n, 1, 1) for i in range(4))
+    inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
+    return torch.where(inside.unsqueeze(1), torch.randn_like(x), x)
+
+
+def draw_mix(rng: np.random.Generator, cfg: MixConfig, height: int, width: int) -> MixParams:
+    """timm's Mixup._params_per_batch and cutmix_bbox_and_lam (correct_lam=True), from ``rng``."""
+    if not cfg.enabled or rng.random() >= cfg.prob:
+        return MixParams(1.0, None)
+    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < cfg.switch_prob)
+    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    if not use_cutmix:
+        return MixParams(lam, None)
+    ratio = math.sqrt(1 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = np.clip([cy - cut_h // 2, cy + (cut_h + 1) // 2], 0, height)
+    x0, x1 = np.clip([cx - cut_w // 2, cx + (cut_w + 1) // 2], 0, width)
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+    return MixParams(float(lam), (int(y0), int(y1), int(x0), int(x1)))
+
+
+def mix(x: torch.Tensor, labels: torch.Tensor, params: MixParams, num_classes: int,
+        smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix image i with image N-1-i (timm's batch mode) and build the smoothed, mixed targets."""
+    from timm.data.mixup import mixup_target
+
+    if params.cutmix_box is not None:
+        y0, y1, x0, x1 = params.cutmix_box
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+    elif params.lam != 1.0:
+        x = x * params.lam + x.flip(0) * (1.0 - params.lam)
+    return x, mixup_target(labels, num_classes, params.lam, smoothing)
+
+
+class BatchAugment:
+    """The whole batch-level stage: uint8 views + labels -> normalised float views + soft targets."""
+
+    def __init__(self, cfg: AugmentConfig, mix_cfg: MixConfig, num_classes: int,
+                 dtype: torch.dtype = torch.float32):
+        self.cfg, self.mix_cfg, self.num_classes, self.dtype = cfg, mix_cfg, num_classes, dtype
+        self.rand_augment = None
+        if cfg.auto_augment:
+            from pipeline.randaugment import RandAugment
+
+            fill = tuple(min(255, round(255 * m)) for m in cfg.mean)  # timm's img_mean fill colour
+            self.rand_augment = RandAugment(cfg.auto_augment, fill=fill, interpolation=cfg.interpolation)
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, height, width = views.shape
+        if self.rand_augment is not None:
+            views = self.rand_augment.apply(views, self.rand_augment.draw(rng, n))
+        x = normalize(views, self.cfg, torch.float32)
+        if self.cfg.reprob > 0:
+            x = random_erase(x, draw_erase_boxes(rng, n, height, width, self.cfg.reprob))
+        params = draw_mix(rng, self.mix_cfg, height, width)
+        if self.mix_cfg.enabled:
+            if n % 2:
+                raise ValueError(f"Mixup/CutMix pairs images i and N-1-i: the per-rank batch ({n} views) "
+                                 f"must be even; change data.batch_size")
+            x, targets = mix(x, labels, params, self.num_classes, self.mix_cfg.label_smoothing)
+        else:
+            from timm.data.mixup import mixup_target
+
+            targets = mixup_target(labels, self.num_classes, 1.0, self.mix_cfg.label_smoothing)
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last), targets

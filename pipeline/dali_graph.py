@@ -1,0 +1,99 @@
+"""The DALI graphs: decode each image once, then cut its k views; the eval resize + centre crop.
+
+One graph for both worlds: ``device_id`` an int runs it on that GPU (nvJPEG through ``device="mixed"``,
+resizes on the GPU); ``device_id=None`` runs the identical graph with DALI's CPU operators, which is what
+CI tests. Inputs arrive through ``fn.external_source`` from the stream (encoded bytes, labels) and from
+`pipeline.views` (per-view crop boxes and flips), so the graph holds no randomness of its own.
+
+Train output per image: ``views`` uint8 [k, S, S, 3] and ``label``; the batch-level steps that follow
+(RandAugment, normalisation, random erasing, Mixup/CutMix) run on the torch batch (`pipeline.batch_aug`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from pipeline.config import AugmentConfig
+
+_INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN",
+           "lanczos": "INTERP_LANCZOS3"}
+
+
+def _interp(name: str):
+    from nvidia.dali import types
+
+    try:
+        return getattr(types.DALIInterpType, _INTERP[name])
+    except KeyError:
+        raise ValueError(f"augment.interpolation={name!r}: use one of {sorted(_INTERP)}") from None
+
+
+def _decoder_device(device_id: int | None) -> str:
+    return "cpu" if device_id is None else "mixed"
+
+
+def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg: AugmentConfig,
+                device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0):
+    """A DALI pipeline: (encoded, boxes [k,4], flips [k], label) per image -> (views [k,S,S,3], label)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    size = cfg.image_size
+    interp = _interp(cfg.interpolation)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, seed=seed, exec_dynamic=True)
+    def graph():
+        encoded, boxes, flips, labels = fn.external_source(
+            source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT32, types.INT64],
+            no_copy=False)
+        images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
+        views = []
+        for v in range(repeats):  # decoded once, cut k times
+            view = fn.resize(images, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4], roi_relative=True,
+                             size=[size, size], interp_type=interp, antialias=True)
+            views.append(fn.flip(view, horizontal=flips[v]))
+        stacked = fn.stack(*views) if repeats > 1 else fn.expand_dims(views[0], axes=[0])
+        return stacked, labels
+
+    return graph()
+
+
+def eval_size(cfg: AugmentConfig) -> int:
+    """Shorter side before the centre crop: timm's ``floor(image_size / crop_pct)`` (256 for 224/0.875)."""
+    return int(math.floor(cfg.image_size / cfg.eval_crop_pct))
+
+
+def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig, device_id: int | None,
+               num_threads: int = 2, prefetch: int = 2):
+    """A DALI pipeline: (encoded, label) -> (image [S,S,3] uint8, label): resize shorter side, centre crop."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    size = cfg.image_size
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    def graph():
+        encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                             dtype=[types.UINT8, types.INT64])
+        images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
+        resized = fn.resize(images, resize_shorter=eval_size(cfg), interp_type=_interp(cfg.eval_interpolation),
+                            antialias=True)
+        return fn.crop(resized, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5), labels
+
+    return graph()
+
+
+def to_torch(batch, device: str):
+    """A DALI TensorList (CPU or GPU) -> a torch tensor that owns its memory (DALI reuses its buffers)."""
+    import numpy as np
+    import torch
+
+    if device == "cpu":
+        return torch.from_numpy(np.array(batch.as_tensor()))
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    tensor = batch.as_tensor()
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device=out.device))
+    return out

@@ -1,0 +1,184 @@
+"""The train and eval loaders: shards -> stream -> views -> DALI graph -> torch batches.
+
+A train step of one rank takes ``images_per_step`` images from its `SampleStream`, draws ``repeats``
+views of each (`pipeline.views`), lets DALI decode each image once and cut its views, and hands back a
+`Batch` of ``images_per_step * repeats`` views (the views of one image adjacent, all in the same step).
+Its state is the stream position and the step, taken at the last batch handed out (DALI reads ahead,
+so the stream itself is further on); restoring it continues with exactly the next samples and views.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.dali_graph import eval_graph, to_torch, train_graph
+from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
+from pipeline.views import batch_rng, draw_views, step_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    views: torch.Tensor  # uint8 [n*k, 3, S, S], channels_last memory
+    labels: torch.Tensor  # int64 [n*k]
+    keys: list[str]  # [n*k], the key of each view's image
+    boxes: torch.Tensor  # float32 [n*k, 4]: (y0, x0, y1, x1) of each view, relative to its image
+    flips: torch.Tensor  # int32 [n*k]
+    step: int
+    rng: np.random.Generator  # seeded by (seed, rank, step): for the batch-level augmentation
+
+
+@dataclass(frozen=True)
+class _Pending:
+    step: int
+    position: int  # stream position after this batch
+    keys: list[str]
+    boxes: np.ndarray
+    flips: np.ndarray
+
+
+def plan_batch(global_views: int, world: int, repeats: int) -> int:
+    """Images per rank per step; the error names the fields to change."""
+    if global_views % world:
+        raise ValueError(f"data.batch_size={global_views} is not divisible by {world} workers; "
+                         f"make it a multiple of the worker count")
+    per_rank = global_views // world
+    if per_rank % repeats:
+        raise ValueError(f"per-worker batch {per_rank} views is not a multiple of stream.repeats={repeats}: "
+                         f"every image brings its {repeats} views into the same step; "
+                         f"make data.batch_size a multiple of {world * repeats}")
+    return per_rank // repeats
+
+
+class TrainLoader:
+    """Endless train batches for one rank; ``steps_per_epoch`` tells where the papers' epochs end."""
+
+    def __init__(self, shards: ShardSet, data: DataConfig, world: int = 1, rank: int = 0, device: str = "cpu",
+                 threads: int = 4, dali_threads: int = 2, state: dict[str, Any] | None = None):
+        self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
+        self.repeats = data.stream.repeats
+        self.images_per_step = plan_batch(data.batch_size, world, self.repeats)
+        # one epoch = N views = N / k distinct images (DeiT: "100 epochs, each 3x longer" is called 300)
+        self.steps_per_epoch = len(shards) // data.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.batch_size={data.batch_size} is larger than the {len(shards)} samples of "
+                             f"{shards.location.url}; lower it")
+        self.step = 0
+        position = 0
+        self.stream = SampleStream(shards, data.stream, world, rank, threads)
+        if state is not None:
+            self.stream.check_state(state["stream"])
+            position, self.step = state["stream"]["position"], state["step"]
+        self.stream.position = position
+        self._state = {"stream": self.stream.state_dict(), "step": self.step}
+        self._samples: Iterator[Sample] | None = None
+        self._pending: deque[_Pending] = deque()
+        self._next_step = self.step
+        device_id = None if device == "cpu" else torch.device(device).index or 0
+        self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, device_id,
+                                num_threads=dali_threads, seed=data.stream.seed + rank)
+
+    @property
+    def metrics(self) -> StreamMetrics:
+        return self.stream.metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loader position at the last batch handed out: put it in the checkpoint with that step."""
+        return {"version": STATE_VERSION, **self._state}
+
+    def _feed(self) -> tuple[list, list, list, list]:
+        """DALI's external source: the next step's encoded images, view boxes, flips and labels."""
+        if self._samples is None:
+            self._samples = iter(self.stream)
+        samples = [next(self._samples) for _ in range(self.images_per_step)]
+        rng = step_rng(self.data.stream.seed, self.rank, self._next_step)
+        views = draw_views(rng, np.array([s.width for s in samples]), np.array([s.height for s in samples]),
+                           self.repeats, self.data.augment)
+        self._pending.append(_Pending(self._next_step, self.stream.position,
+                                      [s.key for s in samples for _ in range(self.repeats)],
+                                      views.boxes.reshape(-1, 4), views.flips.reshape(-1)))
+        self._next_step += 1
+        return ([np.frombuffer(s.data, dtype=np.uint8) for s in samples], list(views.boxes), list(views.flips),
+                [np.array(s.label, dtype=np.int64) for s in samples])
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.pipe.build()
+        while True:
+            views, labels = self.pipe.run()
+            meta = self._pending.popleft()
+            images = to_torch(views, self.device)  # [n, k, S, S, 3]
+            n, k, size = images.shape[0], images.shape[1], images.shape[2]
+            images = images.reshape(n * k, size, size, 3).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+            labels = to_torch(labels, self.device).reshape(n).repeat_interleave(k)
+            self.step = meta.step + 1
+            self._state = {"stream": {**self.stream.state_dict(), "position": meta.position}, "step": self.step}
+            yield Batch(images, labels, meta.keys, torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips),
+                        meta.step, batch_rng(self.data.stream.seed, self.rank, meta.step))
+
+
+class EvalLoader:
+    """Every val sample exactly once per pass, split over ranks in contiguous, nearly equal slices, read
+    shard piece by shard piece (never the whole split in memory); the last batch may be shorter."""
+
+    def __init__(self, shards: ShardSet, data: DataConfig, batch_size: int, world: int = 1, rank: int = 0,
+                 device: str = "cpu", dali_threads: int = 2):
+        self.shards, self.data, self.device, self.batch_size = shards, data, device, batch_size
+        self.rows = np.array_split(np.arange(len(shards)), world)[rank]
+        self.metrics = StreamMetrics()
+        self.pieces = PieceReader(shards, data.stream, self.metrics)
+        self._batches: Iterator[list[Sample]] = iter(())
+        self._current: deque[list[Sample]] = deque()
+        device_id = None if device == "cpu" else torch.device(device).index or 0
+        self.pipe = eval_graph(self._feed, batch_size, data.augment, device_id, num_threads=dali_threads)
+        self._built = False
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def _read(self) -> Iterator[list[Sample]]:
+        batch: list[Sample] = []
+        for shard in np.unique(self.shards.shards[self.rows]):
+            mine = self.rows[self.shards.shards[self.rows] == shard]
+            start = int(mine[0] - self.shards.shard_starts[shard])
+            found = self.pieces.read(int(shard), start, start + len(mine))
+            for row in mine:
+                if int(row) in found:
+                    batch.append(found[int(row)])
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _feed(self):
+        samples = next(self._batches)  # StopIteration ends DALI's pass
+        self._current.append(samples)
+        return ([np.frombuffer(s.data, dtype=np.uint8) for s in samples],
+                [np.array(s.label, dtype=np.int64) for s in samples])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """(images uint8 [n,3,S,S], labels [n], keys) per batch, then the pass ends."""
+        if self._built:
+            self.pipe.reset()
+        else:
+            self.pipe.build()
+            self._built = True
+        self._batches = self._read()
+        self._current.clear()
+        while True:
+            try:
+                images, labels = self.pipe.run()
+            except StopIteration:
+                return
+            samples = self._current.popleft()
+            yield (to_torch(images, self.device).permute(0, 3, 1, 2),
+                   to_torch(labels, self.device).reshape(len(samples)), [s.key for s in samples])
