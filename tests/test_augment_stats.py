@@ -1,0 +1,119 @@
+"""Our host-drawn augmentation parameters follow timm's reference transforms' distributions.
+
+Not pixel equality (the draws come from different generators) but the same algorithm: compared by
+quantiles of many draws against timm's own functions, seeded, with sampling tolerances.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.mixup import Mixup, mixup_target
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+
+from pipeline.batch_aug import draw_erase_boxes, draw_mix, mix, normalize, random_erase
+from pipeline.config import AugmentConfig, MixConfig
+from pipeline.views import draw_views, random_resized_boxes
+
+QUANTILES = np.linspace(0.05, 0.95, 19)
+
+
+def _close(ours: np.ndarray, theirs: np.ndarray, tol: float) -> None:
+    diff = np.abs(np.quantile(ours, QUANTILES) - np.quantile(theirs, QUANTILES))
+    assert diff.max() <= tol, f"quantiles differ by {diff.max():.4f} > {tol}"
+
+
+@pytest.mark.parametrize(("width", "height"), [(500, 375), (300, 300), (1200, 200)])
+def test_random_resized_crop_matches_timm(width: int, height: int) -> None:
+    n = 20_000
+    random.seed(0)
+    image = Image.new("RGB", (width, height))
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    theirs = np.array([RandomResizedCropAndInterpolation.get_params(image, scale, ratio) for _ in range(n)])
+    ours = random_resized_boxes(np.random.default_rng(0), np.full(n, width), np.full(n, height), scale, ratio)
+    for column, what, tol in ((2, "h", 0.02), (3, "w", 0.02)):
+        _close(ours[:, column] / [height, width][column - 2], theirs[:, column] / [height, width][column - 2], tol)
+    area = lambda b: b[:, 2] * b[:, 3] / (width * height)  # noqa: E731
+    _close(area(ours), area(theirs), 0.02)
+    # positions: uniform over the room left by the crop
+    _close(ours[:, 0] / np.maximum(height - ours[:, 2], 1), theirs[:, 0] / np.maximum(height - theirs[:, 2], 1), 0.03)
+    fallback = lambda b: np.mean((b[:, 0] == (height - b[:, 2]) // 2) & (b[:, 1] == (width - b[:, 3]) // 2))  # noqa: E731
+    assert abs(fallback(ours) - fallback(theirs)) < 0.02
+
+
+def test_views_are_relative_boxes_with_half_flipped() -> None:
+    cfg = AugmentConfig()
+    views = draw_views(np.random.default_rng(1), np.full(4000, 500), np.full(4000, 375), 3, cfg)
+    assert views.boxes.shape == (4000, 3, 4) and views.flips.shape == (4000, 3)
+    y0, x0, y1, x1 = np.moveaxis(views.boxes, -1, 0)
+    assert (y1 > y0).all() and (x1 > x0).all() and views.boxes.min() >= 0 and views.boxes.max() <= 1
+    assert abs(views.flips.mean() - 0.5) < 0.02
+    assert not np.allclose(views.boxes[:, 0], views.boxes[:, 1]), "views of an image are drawn independently"
+
+
+def test_simple_random_crop_is_a_square_of_the_shorter_side() -> None:
+    cfg = AugmentConfig(crop="simple", image_size=224)
+    views = draw_views(np.random.default_rng(2), np.array([500, 300]), np.array([375, 450]), 1, cfg)
+    y0, x0, y1, x1 = views.boxes[:, 0].T
+    assert np.allclose((y1 - y0) * [375, 450], [375, 300]) and np.allclose((x1 - x0) * [500, 300], [375, 300])
+
+
+def test_random_erasing_matches_timm() -> None:
+    n, size = 4000, 64
+    random.seed(0)
+    torch.manual_seed(0)
+    timm_erase = RandomErasing(probability=0.25, mode="pixel", device="cpu")
+    batch = torch.full((n, 3, size, size), 7.0)
+    theirs = (timm_erase(batch.clone()) != 7.0).any(dim=1)  # erased pixel masks
+    boxes = draw_erase_boxes(np.random.default_rng(0), n, size, size, 0.25)
+    ours = (random_erase(batch.clone(), boxes) != 7.0).any(dim=1)
+    for masks in (ours, theirs):
+        assert masks.shape == (n, size, size)
+    erased = lambda m: m.flatten(1).any(1).float().mean().item()  # noqa: E731
+    assert abs(erased(ours) - erased(theirs)) < 0.03 and abs(erased(ours) - 0.25) < 0.03
+    frac = lambda m: m.flatten(1).float().mean(1)[m.flatten(1).any(1)].numpy()  # noqa: E731
+    _close(frac(ours), frac(theirs), 0.03)
+
+
+def test_mixup_cutmix_draws_match_timm_and_mixing_matches_timm_formula() -> None:
+    cfg = MixConfig()
+    rng = np.random.default_rng(0)
+    ours = [draw_mix(rng, cfg, 64, 64) for _ in range(4000)]
+    np.random.seed(0)
+    timm_mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1,
+                     num_classes=10)
+    theirs_cutmix, theirs_lam = [], []
+    for _ in range(4000):
+        lam, use_cutmix = timm_mix._params_per_batch()
+        theirs_cutmix.append(use_cutmix)
+        theirs_lam.append(lam)
+    assert abs(np.mean([p.cutmix_box is not None for p in ours]) - np.mean(theirs_cutmix)) < 0.04
+    _close(np.array([p.lam for p in ours if p.cutmix_box is None]),
+           np.array([lam for lam, c in zip(theirs_lam, theirs_cutmix, strict=True) if not c]), 0.05)
+    # given the same parameters, the mixed batch and targets equal timm's formulas
+    x = torch.randn(6, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    for params in ours[:20]:
+        got, targets = mix(x, labels, params, 10, 0.1)
+        if params.cutmix_box is None:
+            expected = x * params.lam + x.flip(0) * (1 - params.lam)
+        else:
+            y0, y1, x0, x1 = params.cutmix_box
+            expected = x.clone()
+            expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            assert abs(params.lam - (1 - (y1 - y0) * (x1 - x0) / (64 * 64))) < 1e-9, "lambda corrected to the box area"
+        assert torch.allclose(got, expected)
+        assert torch.allclose(targets, mixup_target(labels, 10, params.lam, 0.1))
+        assert torch.allclose(targets.sum(1), torch.ones(6))
+
+
+def test_normalize_uses_imagenet_mean_and_std() -> None:
+    views = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    cfg = AugmentConfig()
+    expected = (views.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(views, cfg), expected, atol=1e-5)

@@ -1,0 +1,183 @@
+"""The train and eval loaders on real shards, through DALI's CPU operators (the GPU graph's twin)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.build import BuildConfig, build_shards
+from pipeline.config import AugmentConfig, DataConfig, StreamConfig
+from pipeline.loader import EvalLoader, TrainLoader, plan_batch
+from pipeline.order import stream_rows
+from pipeline.storage import Location
+from pipeline.stream import SampleStream, ShardSet, StreamError
+from tests.imagetree import make_tree
+
+pytestmark = pytest.mark.dali
+pytest.importorskip("nvidia.dali")
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
+    root = tmp_path_factory.mktemp("loader")
+    tree = make_tree(root / "src", num_classes=5, per_class=24, defects=False, size_range=(40, 90))
+    build_shards(BuildConfig(src=str(tree.root), dst=Location(str(root / "dst")), shard_bytes=30_000, workers=1))
+    return ShardSet.open(Location(str(root / "dst")), "train")
+
+
+def _data(batch: int = 12, repeats: int = 3, window: int = 16, **augment) -> DataConfig:
+    augment.setdefault("auto_augment", None)
+    return DataConfig(batch_size=batch, augment=AugmentConfig(image_size=SIZE, **augment),
+                      stream=StreamConfig(repeats=repeats, shuffle_buffer=window, seed=11))
+
+
+def _take(loader: TrainLoader, steps: int) -> list:
+    it = iter(loader)
+    return [next(it) for _ in range(steps)]
+
+
+def test_batches_hold_k_different_views_of_each_image_in_one_step(shards: ShardSet) -> None:
+    loader = TrainLoader(shards, _data(batch=12, repeats=3), world=1)
+    for batch in _take(loader, 4):
+        assert batch.views.shape == (12, 3, SIZE, SIZE) and batch.views.dtype == torch.uint8
+        assert batch.views.is_contiguous(memory_format=torch.channels_last)
+        for i in range(0, 12, 3):
+            assert len(set(batch.keys[i:i + 3])) == 1, "an image's views sit together in the step"
+            assert len(set(batch.labels[i:i + 3].tolist())) == 1
+            a, b = batch.views[i].float(), batch.views[i + 1].float()
+            assert (a - b).abs().mean() > 1.0, "views of one image are augmented independently"
+        assert len(set(batch.keys)) == 4
+        labels = {r: int(shards.labels[r]) for r in range(len(shards))}
+        key_row = {k: r for r, k in enumerate(shards.keys)}
+        assert batch.labels.tolist() == [labels[key_row[k]] for k in batch.keys]
+        assert 0 <= batch.boxes.min() and batch.boxes.max() <= 1 and set(batch.flips.tolist()) <= {0, 1}
+
+
+def test_every_image_exactly_once_per_pass_and_k_views_each(shards: ShardSet) -> None:
+    loader = TrainLoader(shards, _data(batch=12, repeats=3), world=1)
+    images = len(shards)  # one pass: every image once -> 3 views each
+    batches = _take(loader, images // 4)
+    views = Counter(k for b in batches for k in b.keys)
+    assert set(views) == set(shards.keys) and set(views.values()) == {3}
+    # one epoch is N views (N/k images), as the papers count repeated-augmentation epochs
+    assert loader.steps_per_epoch == len(shards) // 12
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_runs_the_same_steps_and_ranks_are_disjoint(shards: ShardSet, world: int) -> None:
+    data = _data(batch=6 * world, repeats=3)
+    loaders = [TrainLoader(shards, data, world=world, rank=r) for r in range(world)]
+    assert len({(ld.steps_per_epoch, ld.images_per_step) for ld in loaders}) == 1
+    per_rank_images = len(shards) // world
+    steps = per_rank_images // loaders[0].images_per_step
+    seen = []
+    for ld in loaders:
+        keys = [k for b in _take(ld, steps) for k in b.keys[::3]]
+        assert len(keys) == steps * ld.images_per_step
+        seen.extend(keys)
+    assert len(seen) == len(set(seen)), "ranks read disjoint images within a pass"
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7])
+def test_resume_yields_exactly_the_next_samples_and_views(shards: ShardSet, cut: int) -> None:
+    data = _data(batch=12, repeats=3, window=10)
+    whole = _take(TrainLoader(shards, data, world=2, rank=1, threads=3), cut + 4)
+    first = TrainLoader(shards, data, world=2, rank=1, threads=2)
+    _take(first, cut)
+    state = first.state_dict()
+    assert state["step"] == cut
+    resumed = _take(TrainLoader(shards, data, world=2, rank=1, threads=1, state=state), 4)
+    for expected, got in zip(whole[cut:], resumed, strict=True):
+        assert got.step == expected.step and got.keys == expected.keys
+        assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.flips, expected.flips)
+        assert torch.equal(got.views, expected.views), "same samples, same boxes -> the same pixels on the CPU"
+
+
+def test_state_from_another_dataset_or_seed_is_refused(shards: ShardSet) -> None:
+    loader = TrainLoader(shards, _data(), world=1)
+    state = loader.state_dict()
+    bad = {**state, "stream": {**state["stream"], "seed": 99}}
+    with pytest.raises(StreamError, match="seed=99"):
+        TrainLoader(shards, _data(), world=1, state=bad)
+    bad = {**state, "stream": {**state["stream"], "fingerprint": "0" * 64}}
+    with pytest.raises(StreamError, match="fingerprint"):
+        TrainLoader(shards, _data(), world=1, state=bad)
+
+
+def test_batch_that_does_not_divide_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not divisible by 3 workers"):
+        plan_batch(16, 3, 1)
+    with pytest.raises(ValueError, match="multiple of stream.repeats=3"):
+        plan_batch(16, 2, 3)
+
+
+def test_corrupt_member_is_skipped_counted_and_replaced(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "src", num_classes=3, per_class=10, defects=False)
+    dst = tmp_path / "dst"
+    build_shards(BuildConfig(src=str(tree.root), dst=Location(str(dst)), shard_bytes=40_000, workers=1))
+    shards = ShardSet.open(Location(str(dst)), "train")
+    victim = 4
+    shard_path = dst / shards.shard_names[int(shards.shards[victim])]
+    data = bytearray(shard_path.read_bytes())
+    start = int(shards.offsets[victim])
+    data[start:start + 2] = b"\0\0"  # no JPEG start marker any more
+    shard_path.write_bytes(bytes(data))
+    stream = SampleStream(shards, StreamConfig(shuffle_buffer=8, seed=1), threads=2)
+    samples = stream.take(len(shards))
+    assert len(samples) == len(shards), "the rank still yields its planned count"
+    assert shards.keys[victim] not in {s.key for s in samples}
+    assert stream.metrics.corrupt_samples == 1 and stream.metrics.substituted == 1
+    assert stream.metrics.reasons == {"corrupt JPEG": 1}
+
+
+def test_threads_never_change_the_order(shards: ShardSet) -> None:
+    cfg = StreamConfig(shuffle_buffer=7, seed=5)
+    one = [s.row for s in SampleStream(shards, cfg, world=2, rank=0, threads=1).take(150)]
+    four = [s.row for s in SampleStream(shards, cfg, world=2, rank=0, threads=4).take(150)]
+    assert one == four == stream_rows(shards.counts, 5, 2, 0, 7, 0, 150).tolist()
+
+
+def test_shard_cache_serves_the_second_read(shards: ShardSet, tmp_path: Path) -> None:
+    cfg = StreamConfig(shuffle_buffer=9, shard_cache_dir=str(tmp_path / "cache"))
+    first = SampleStream(shards, cfg, threads=2)
+    rows = [s.row for s in first.take(60)]
+    cached = list((tmp_path / "cache").rglob("*.tar"))
+    assert cached and all(p.stat().st_size > 0 for p in cached)
+    again = SampleStream(shards, cfg, threads=2)
+    assert [s.row for s in again.take(60)] == rows
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_eval_reads_every_sample_once_with_timm_resize_and_centre_crop(shards: ShardSet, world: int) -> None:
+    data = _data()
+    keys = []
+    for rank in range(world):
+        for images, labels, batch_keys in EvalLoader(shards, data, batch_size=16, world=world, rank=rank):
+            assert images.shape[1:] == (3, SIZE, SIZE) and len(labels) == len(batch_keys)
+            keys.extend(batch_keys)
+    assert sorted(keys) == sorted(shards.keys)
+
+
+def test_eval_transform_matches_pil_resize_and_centre_crop(shards: ShardSet) -> None:
+    import torchvision.transforms as T
+
+    data = _data()
+    loader = EvalLoader(shards, data, batch_size=8)
+    images, _, keys = next(iter(loader))
+    key_row = {k: r for r, k in enumerate(shards.keys)}
+    reference = T.Compose([T.Resize(int(SIZE / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(SIZE)])
+    for image, key in zip(images, keys, strict=True):
+        sample = loader.pieces.read(int(shards.shards[key_row[key]]), 0, int(shards.counts[shards.shards[key_row[key]]]))
+        data_bytes = sample[key_row[key]].data
+        expected = np.asarray(reference(Image.open(io.BytesIO(data_bytes)).convert("RGB")), dtype=np.float32)
+        got = image.permute(1, 2, 0).numpy().astype(np.float32)
+        assert np.abs(got - expected).mean() < 4.0
