@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.build import BuildConfig, build_shards
 from pipeline.config import AugmentConfig, DataConfig, StreamConfig
-from pipeline.loader import EvalLoader, TrainLoader, plan_batch
+from pipeline.loader import EvalLoader, TrainLoader, effective_batch, plan_batch
 from pipeline.order import stream_rows
 from pipeline.storage import Location
 from pipeline.stream import SampleStream, ShardSet, StreamError
@@ -112,11 +112,13 @@ def test_state_from_another_dataset_or_seed_is_refused(shards: ShardSet) -> None
         TrainLoader(shards, _data(), world=1, state=bad)
 
 
-def test_batch_that_does_not_divide_is_a_clear_error() -> None:
+def test_batch_rounding_keeps_views_of_an_image_together() -> None:
     with pytest.raises(ValueError, match="not divisible by 3 workers"):
         plan_batch(16, 3, 1)
-    with pytest.raises(ValueError, match="multiple of stream.repeats=3"):
-        plan_batch(16, 2, 3)
+    with pytest.raises(ValueError, match="raise data.batch_size to at least 6"):
+        plan_batch(4, 2, 3)
+    assert plan_batch(1024, 8, 3) == 42  # DeiT: 128 views per GPU -> 42 images x 3 views
+    assert effective_batch(1024, 8, 3) == 1008 and effective_batch(1024, 8, 1) == 1024
 
 
 def test_corrupt_member_is_skipped_counted_and_replaced(tmp_path: Path) -> None:
