@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default 16MiB, so that a bench-sized tree spreads over the workers")
     bb.add_argument("--repeat", type=int, default=3, help="runs of each; the best is reported")
 
+    bs = bench_sub.add_parser("stream", help="this loader (repeats 1 and 3) vs timm+PIL, views/s")
+    bs.add_argument("--shards", help="URL of built shards (default: generate ImageNet-like ones)")
+    bs.add_argument("--images", type=int, default=600, help="images to generate when --shards is not given")
+    bs.add_argument("--batch", type=int, default=48, help="views per batch (a multiple of 3)")
+    bs.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reader threads / DALI threads / "
+                    "DataLoader processes, the same for every loader")
+    bs.add_argument("--views", type=int, default=960, help="views to time per loader")
+    bs.add_argument("--size", type=int, default=224)
+
     d = sub.add_parser("demo-tree", help="write scikit-learn's digits as an ImageNet-style JPEG tree")
     d.add_argument("--dst", required=True, help="folder to create (train/ and val/ inside)")
     d.add_argument("--size", type=int, default=32, help="side of the JPEGs in pixels (default 32)")
@@ -119,11 +128,17 @@ def _run(args: argparse.Namespace) -> int:
                          decode=args.decode)
         print(result.summary())
         return 0 if result.ok else 1
-    if args.command == "bench":
+    if args.command == "bench" and args.bench == "build":
         from pipeline.bench import bench_build
 
         print(bench_build(src=args.src, images=args.images, split=args.split, workers=args.workers,
                           shard_bytes=args.shard_size, repeat=args.repeat))
+        return 0
+    if args.command == "bench" and args.bench == "stream":
+        from pipeline.bench_stream import bench_stream
+
+        print(bench_stream(shards_url=args.shards, images=args.images, batch=args.batch, workers=args.workers,
+                           views=args.views, size=args.size))
         return 0
     if args.command == "demo-tree":
         from pipeline.demo import write_digits_tree

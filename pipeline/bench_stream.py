@@ -1,0 +1,109 @@
+"""`pipeline bench stream`: views/s of this loader (repeats 1 and 3) against the peers' loader, in one run.
+
+All three read the same shards and produce the same thing, a batch of DeiT-augmented views ready for the
+step (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup/CutMix, normalised):
+
+* ``dali``: this project's stream -> DALI (nvJPEG on a GPU, CPU operators otherwise) -> batch augmentation;
+* ``dali x3``: the same with repeated augmentation, each image decoded once for 3 views;
+* ``timm+PIL``: the peers' stack: webdataset over the same shards, timm's ``create_transform`` with PIL in
+  a torch DataLoader with the same number of worker processes, timm's Mixup on the batch.
+
+Bytes per view are the shard bytes read divided by the views produced.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.batch_aug import BatchAugment
+from pipeline.build import BuildConfig, build_shards
+from pipeline.config import AugmentConfig, DataConfig, MixConfig, StreamConfig
+from pipeline.loader import TrainLoader
+from pipeline.storage import Location
+from pipeline.stream import ShardSet
+from pipeline.synthetic import write_imagenet_like
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: int, device: str,
+               size: int) -> tuple[float, float]:
+    data = DataConfig(batch_size=batch, augment=AugmentConfig(image_size=size),
+                      stream=StreamConfig(repeats=repeats, shuffle_buffer=256))
+    loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers)
+    augment = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
+    batches = iter(loader)
+    x, _ = augment(*(lambda b: (b.views, b.labels, b.rng))(next(batches)))  # warm-up: build, first reads
+    _sync(device)
+    start_bytes, start = loader.metrics.bytes_read, time.perf_counter()
+    done = 0
+    while done < views:
+        b = next(batches)
+        x, targets = augment(b.views, b.labels, b.rng)
+        done += len(x)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return done / seconds, (loader.metrics.bytes_read - start_bytes) / done
+
+
+def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, device: str, size: int) -> float:
+    import webdataset as wds
+    from timm.data import Mixup, create_transform
+
+    transform = create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    fs, root = shards.location.fs_and_path()
+    urls = [f"{root}/{name}" for name in shards.shard_names.values()]
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
+               .repeat().decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                  num_classes=int(shards.labels.max()) + 1)
+    batches = iter(loader)
+    next(batches)
+    start, done = time.perf_counter(), 0
+    while done < views:
+        x, y = next(batches)
+        x, y = mixup(x.to(device, non_blocking=True), y.to(device))
+        done += len(x)
+    _sync(device)
+    return done / (time.perf_counter() - start)
+
+
+def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 48, workers: int | None = None,
+                 views: int = 960, size: int = 224) -> str:
+    workers = workers or os.cpu_count() or 1
+    device = _device()
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+        origin = shards_url or "generated ImageNet-like JPEGs"
+        if shards_url is None:
+            write_imagenet_like(Path(tmp) / "src", images)
+            shards_url = str(Path(tmp) / "shards")
+            build_shards(BuildConfig(src=str(Path(tmp) / "src"), dst=Location(shards_url),
+                                     shard_bytes=8 * 2**20, workers=workers))
+        shards = ShardSet.open(Location(shards_url), "train")
+        rows = []
+        for name, repeats in (("dali", 1), ("dali x3", 3)):
+            rate, per_view = bench_dali(shards, batch, repeats, workers, views, device, size)
+            rows.append((name, rate, per_view))
+        peer = bench_timm_pil(shards, batch, workers, views, device, size)
+        rows.append(("timm+PIL DataLoader", peer, float(shards.sizes.mean())))
+    lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
+             f"{size}px, batch {batch}, {workers} workers, device {device}, full DeiT augmentation",
+             f"{'loader':<22}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"]
+    for name, rate, per_view in rows:
+        lines.append(f"{name:<22}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / peer:>13.2f}")
+    return "\n".join(lines)
