@@ -1,0 +1,101 @@
+"""Pytest fixtures that run the local stack's real servers (loaded via ``pytest_plugins``).
+
+``tests/conftest.py`` loads this module with ``pytest_plugins = ["tests.fixtures_infra"]``.
+The fixtures use the same code as ``python -m infra.local`` (``infra.objectstore``,
+``infra.tracking``, ``infra.raycluster``), on free ports and in pytest's temp dirs, and on
+teardown check that every process they started is gone.
+
+* ``object_store`` (session): moto S3 server with bucket ``distillery``.
+* ``s3_url`` (function): a fresh, unique ``s3://distillery/<test-name>-<uuid>`` prefix.
+* ``s3_env`` (function): ``object_store.env()`` set in ``os.environ`` for one test.
+* ``mlflow_server`` (session): MLflow tracking server (SQLite + local artifacts).
+* ``ray_head`` (session): a loopback-only Ray head with the job server.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from infra.objectstore import ObjectStore, start_object_store, stop_object_store
+from infra.procs import pid_alive, process_family
+from infra.raycluster import RayHead, head_processes, start_ray_head, stop_ray_head
+from infra.tracking import TrackingServer, start_tracking_server, stop_tracking_server
+
+BUCKET = "distillery"
+
+
+def _assert_gone(pids: list[int], what: str) -> None:
+    alive = [pid for pid in pids if pid_alive(pid)]
+    assert not alive, f"{what}: processes {alive} still running after stop"
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """A moto S3 server on a free 127.0.0.1 port with bucket ``distillery``; stopped at the end."""
+    store = start_object_store(tmp_path_factory.mktemp("s3"), port=None, buckets=(BUCKET,))
+    family = process_family(store.pid)
+    try:
+        yield store
+    finally:
+        stop_object_store(store)
+        _assert_gone([store.pid, *family], "S3 server")
+
+
+def _safe_name(name: str) -> str:
+    """A test node name reduced to characters that are safe in an S3 key."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:80] or "test"
+
+
+@pytest.fixture
+def s3_url(object_store: ObjectStore, request: pytest.FixtureRequest) -> str:
+    """``s3://distillery/<test-name>-<uuid>``: a prefix no other test (or rerun) shares."""
+    return f"s3://{BUCKET}/{_safe_name(request.node.name)}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def s3_env(object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point boto3/s3fs in this process at the object store through the environment."""
+    env = object_store.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """An MLflow tracking server on a free port (SQLite DB + artifacts in a temp dir)."""
+    server = start_tracking_server(tmp_path_factory.mktemp("mlflow"), port=None)
+    family = process_family(server.pid)
+    try:
+        yield server
+    finally:
+        stop_tracking_server(server)
+        _assert_gone([server.pid, *family], "MLflow server")
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A Ray head (GCS, raylet, dashboard/job server) on free loopback ports, 2 CPUs.
+
+    The head uses token auth. In the test process submit with
+    ``JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers())``; give a
+    subprocess (``ray job submit``, a driver calling ``ray.init``) ``{**os.environ, **ray_head.env()}``.
+    """
+    head = start_ray_head(
+        tmp_path_factory.mktemp("ray"),
+        dashboard_port=None,
+        gcs_port=None,
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+    )
+    try:
+        yield head
+    finally:
+        family = head_processes(head)
+        stop_ray_head(head)
+        _assert_gone([head.pid, *family], "Ray head")
+        assert not head_processes(head), "Ray head: processes naming its temp dir survived"
