@@ -98,6 +98,13 @@ def mix(x: torch.Tensor, labels: torch.Tensor, params: MixParams, num_classes: i
     return x, mixup_target(labels, num_classes, params.lam, smoothing)
 
 
+@dataclass
+class AugmentedBatch:
+    x: torch.Tensor  # normalised, augmented, mixed views [N,3,S,S], channels_last
+    targets: torch.Tensor  # smoothed, mixed soft targets [N, C]
+    mix: MixParams  # how the batch was mixed (a teacher cache mixes its scores the same way)
+
+
 class BatchAugment:
     """The whole batch-level stage: uint8 views + labels -> normalised float views + soft targets."""
 
@@ -113,6 +120,10 @@ class BatchAugment:
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.apply(views, labels, rng)
+        return out.x, out.targets
+
+    def apply(self, views: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> AugmentedBatch:
         n, _, height, width = views.shape
         if self.rand_augment is not None:
             views = self.rand_augment.apply(views, self.rand_augment.draw(rng, n))
@@ -129,4 +140,4 @@ class BatchAugment:
             from timm.data.mixup import mixup_target
 
             targets = mixup_target(labels, self.num_classes, 1.0, self.mix_cfg.label_smoothing)
-        return x.to(self.dtype).contiguous(memory_format=torch.channels_last), targets
+        return AugmentedBatch(x.to(self.dtype).contiguous(memory_format=torch.channels_last), targets, params)

@@ -84,6 +84,20 @@ def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig,
     return graph()
 
 
+def whole_image_graph(source: Callable[[], tuple], batch_size: int, resolution: int, device_id: int | None,
+                      num_threads: int = 2, interpolation: str = "bicubic"):
+    """(encoded,) -> the whole image resized to resolution x resolution (uint8 HWC): a teacher-cache input."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
+    def graph():
+        encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+        images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
+        return fn.resize(images, size=[resolution, resolution], interp_type=_interp(interpolation), antialias=True)
+
+    return graph()
+
+
 def to_torch(batch, device: str):
     """A DALI TensorList (CPU or GPU) -> a torch tensor that owns its memory (DALI reuses its buffers)."""
     import numpy as np

@@ -35,12 +35,14 @@ class Batch:
     flips: torch.Tensor  # int32 [n*k]
     step: int
     rng: np.random.Generator  # seeded by (seed, rank, step): for the batch-level augmentation
+    rows: np.ndarray  # int64 [n*k]: the manifest row of each view's image (what a teacher cache is keyed by)
 
 
 @dataclass(frozen=True)
 class _Pending:
     step: int
     position: int  # stream position after this batch
+    rows: np.ndarray
     keys: list[str]
     boxes: np.ndarray
     flips: np.ndarray
@@ -113,6 +115,7 @@ class TrainLoader:
         views = draw_views(rng, np.array([s.width for s in samples]), np.array([s.height for s in samples]),
                            self.repeats, self.data.augment)
         self._pending.append(_Pending(self._next_step, self.stream.position,
+                                      np.repeat([s.row for s in samples], self.repeats),
                                       [s.key for s in samples for _ in range(self.repeats)],
                                       views.boxes.reshape(-1, 4), views.flips.reshape(-1)))
         self._next_step += 1
@@ -131,7 +134,7 @@ class TrainLoader:
             self.step = meta.step + 1
             self._state = {"stream": {**self.stream.state_dict(), "position": meta.position}, "step": self.step}
             yield Batch(images, labels, meta.keys, torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips),
-                        meta.step, batch_rng(self.data.stream.seed, self.rank, meta.step))
+                        meta.step, batch_rng(self.data.stream.seed, self.rank, meta.step), meta.rows)
 
 
 class EvalLoader:

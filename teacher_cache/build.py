@@ -1,0 +1,154 @@
+"""`teacher-cache build`: run the teacher once over every image and store its logit maps.
+
+A Ray job: a pool of actors (one per GPU, or CPU workers when there is none) each takes whole shards,
+reads them with the stream's piece reader, decodes and resizes every image to R x R with DALI (the same
+decoder as training), runs the teacher's logit map in bf16 / channels_last on a GPU without gradients,
+encodes top-k per location and writes one parquet file per shard, atomically. Finished shards are kept
+on a re-run (resumable per shard); ``cache.json``, written last, records dataset and teacher identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.raycluster import init_ray
+from pipeline.batch_aug import normalize
+from pipeline.config import AugmentConfig, StreamConfig
+from pipeline.dali_graph import to_torch, whole_image_graph
+from pipeline.progress import Progress
+from pipeline.storage import Location
+from pipeline.stream import PieceReader, ShardSet, StreamMetrics
+from teacher_cache.cache import CacheMismatch, check_identity, read_info, read_part_meta, write_info, write_part
+from teacher_cache.maps import EncodedMaps, encode
+from teacher_cache.teacher import Teacher, TeacherSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheBuildConfig:
+    shards: Location
+    out: Location
+    teacher: TeacherSpec
+    split: str = "train"
+    topk: int = 10
+    batch_size: int = 64
+    workers: int | None = None  # actors; default: one per GPU, else 1
+    cpus_per_worker: int = 1
+    dali_threads: int = 2
+    overwrite: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std used to normalise
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuildConfig) -> tuple[list[str], EncodedMaps, int]:
+    """All images of one shard -> (keys in manifest order, encoded maps, unreadable count)."""
+    count = int(shards.counts[shard])
+    first = int(shards.shard_starts[shard])
+    metrics = StreamMetrics()
+    found = PieceReader(shards, StreamConfig(), metrics).read(shard, 0, count)
+    rows = list(range(first, first + count))
+    readable = [r for r in rows if r in found]
+    chunks = deque(readable[i:i + cfg.batch_size] for i in range(0, len(readable), cfg.batch_size))
+    feed = deque(chunks)
+
+    def source():
+        chunk = feed.popleft() if feed else None
+        if chunk is None:
+            raise StopIteration
+        return [np.frombuffer(found[r].data, dtype=np.uint8) for r in chunk]
+
+    device_id = 0 if teacher.device.type == "cuda" else None
+    pipe = whole_image_graph(source, cfg.batch_size, teacher.spec.resolution, device_id, cfg.dali_threads)
+    pipe.build()
+    pieces: dict[int, EncodedMaps] = {}
+    for chunk in chunks:
+        images = to_torch(pipe.run()[0], str(teacher.device)).permute(0, 3, 1, 2)
+        maps = encode(teacher.logit_map(normalize(images, cfg.augment)), cfg.topk)
+        for i, row in enumerate(chunk):
+            pieces[row] = EncodedMaps(maps.indices[i:i + 1], maps.values[i:i + 1], maps.floor[i:i + 1],
+                                      maps.height, maps.width)
+    if not pieces:
+        raise RuntimeError(f"shard {shards.shard_names.get(shard)} has no readable image")
+    any_map = next(iter(pieces.values()))
+    blank = EncodedMaps(np.zeros_like(any_map.indices), np.zeros_like(any_map.values), np.zeros_like(any_map.floor),
+                        any_map.height, any_map.width)  # unreadable images: the stream never serves them
+    ordered = [pieces.get(r, blank) for r in rows]
+    stacked = EncodedMaps(np.concatenate([m.indices for m in ordered]), np.concatenate([m.values for m in ordered]),
+                          np.concatenate([m.floor for m in ordered]), any_map.height, any_map.width)
+    return [str(shards.keys[r]) for r in rows], stacked, count - len(readable)
+
+
+class CacheWorker:
+    """One actor: a teacher on one device, encoding whole shards on request."""
+
+    def __init__(self, cfg: CacheBuildConfig, device: str):
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = cfg
+        self.shards = ShardSet.open(cfg.shards, cfg.split)
+        self.teacher = Teacher(cfg.teacher, device, cfg.shards.storage_options)
+
+    def identity(self) -> dict[str, Any]:
+        return self.teacher.identity
+
+    def run(self, shard: int, meta: dict[str, Any]) -> dict[str, Any]:
+        keys, maps, unreadable = encode_shard(self.shards, shard, self.teacher, self.cfg)
+        result = {**meta, "shard": shard, "samples": len(keys), "unreadable": unreadable, "height": maps.height,
+                  "width": maps.width, "bytes_per_image": maps.bytes_per_image}
+        result["bytes"] = write_part(self.cfg.out, self.cfg.split, shard, keys, maps, result)
+        return result
+
+
+def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
+    shards = ShardSet.open(cfg.shards, cfg.split)
+    previous = read_info(cfg.out)
+    if previous is not None and not cfg.overwrite:
+        try:
+            check_identity(cfg.out.url, previous, shards.fingerprint, None)
+        except CacheMismatch as exc:
+            raise CacheMismatch(f"{exc} (or pass --overwrite)") from None
+        log.info("teacher cache %s is complete; nothing to do", cfg.out.url)
+        return previous
+    meta = {"fingerprint": shards.fingerprint, "teacher": cfg.teacher.name, "resolution": cfg.teacher.resolution,
+            "weights": cfg.teacher.weights, "k": cfg.topk}
+    results: dict[int, dict[str, Any]] = {}
+    for shard in sorted(shards.shard_names):  # parts are atomic: one that matches this build is finished
+        found = read_part_meta(cfg.out, cfg.split, shard)
+        if found is not None and all(found.get(k) == v for k, v in meta.items()):
+            results[shard] = found
+    pending = [s for s in sorted(shards.shard_names) if s not in results]
+    ray = init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = max(1, min(cfg.workers or gpus or 1, len(pending) or 1))
+    options = {"num_gpus": 1} if gpus else {"num_cpus": cfg.cpus_per_worker}
+    actor_cls = ray.remote(**options)(CacheWorker)
+    actors = [actor_cls.remote(cfg, "cuda" if gpus else "cpu") for _ in range(workers)]
+    identity = ray.get(actors[0].identity.remote())
+    log.info("teacher cache: %d shards to encode (%d kept) with %d %s worker(s) -> %s", len(pending), len(results),
+             workers, "GPU" if gpus else "CPU", cfg.out.url)
+    from ray.util import ActorPool
+
+    with Progress(int(sum(shards.counts[s] for s in pending)), "teacher-cache build") as progress:
+        for result in ActorPool(actors).map_unordered(lambda a, s: a.run.remote(s, meta), pending):
+            results[result["shard"]] = result
+            progress.update(result["samples"])
+    first = next(iter(results.values()))
+    info = {
+        "dataset": {"url": cfg.shards.url, "split": cfg.split, "fingerprint": shards.fingerprint},
+        "teacher": identity, "map": {"height": first["height"], "width": first["width"], "k": cfg.topk},
+        "shards": sorted(results), "num_samples": int(sum(r["samples"] for r in results.values())),
+        "unreadable": int(sum(r["unreadable"] for r in results.values())),
+        "bytes_per_image": first["bytes_per_image"], "bytes": int(sum(r["bytes"] for r in results.values())),
+        "build": {"topk": cfg.topk, "batch_size": cfg.batch_size, "split": cfg.split},
+    }
+    write_info(cfg.out, info)
+    return info

@@ -1,0 +1,68 @@
+"""The `teacher-cache` command: build (a Ray job) and bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.storage import Location, parse_storage_options
+from teacher_cache.cache import CacheMismatch
+from teacher_cache.teacher import TeacherError, TeacherSpec
+
+log = logging.getLogger("teacher-cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teacher-cache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="run the teacher once over the shards and store crop-aware logit maps")
+    b.add_argument("--teacher", required=True, help="timm model name, e.g. regnety_160")
+    b.add_argument("--weights", help="checkpoint path or URL (timm or official DeiT format); nothing is downloaded")
+    b.add_argument("--num-classes", type=int, default=1000)
+    b.add_argument("--shards", required=True, help="URL of the shards built by `pipeline build-shards`")
+    b.add_argument("--split", default="train")
+    b.add_argument("--out", required=True, help="URL of the cache folder")
+    b.add_argument("--resolution", type=int, default=224, help="the teacher sees each whole image at R x R")
+    b.add_argument("--topk", type=int, default=10, help="logits kept per map location")
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else 1)")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--storage-options", metavar="JSON", help="fsspec options for --shards and --out")
+    bench = sub.add_parser("bench", help="agreement with the online teacher, bytes per image, step rates")
+    bench.add_argument("--shards", help="shards URL (default: scikit-learn digits, built on the spot)")
+    bench.add_argument("--teacher", default="resnet10t")
+    bench.add_argument("--weights", help="teacher weights (default: train a small one on the shards)")
+    bench.add_argument("--resolution", type=int, default=64)
+    bench.add_argument("--topk", type=int, default=5)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--teacher-steps", type=int, default=300)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "build":
+            from teacher_cache.build import CacheBuildConfig, build_cache
+
+            options = parse_storage_options(args.storage_options)
+            info = build_cache(CacheBuildConfig(
+                shards=Location(args.shards, options), out=Location(args.out, options), split=args.split,
+                teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, args.resolution), topk=args.topk,
+                batch_size=args.batch, workers=args.workers, overwrite=args.overwrite))
+            print(f"teacher cache: {info['num_samples']} images, {info['bytes_per_image']} bytes/image, "
+                  f"map {info['map']['height']}x{info['map']['width']} top-{info['map']['k']} -> {args.out}")
+            return 0
+        from teacher_cache.bench import bench
+
+        print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps, args.steps))
+        return 0
+    except (CacheMismatch, TeacherError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The teacher: a timm model with weights from a file (never a hub download), evaluated without gradients.
+
+Two ways to ask it: ``logits(views)``, the online teacher (the views the student sees), and
+``logit_map(images)``, the classifier applied at every location of the last feature map. For a convnet
+whose head is a linear layer on average-pooled features (RegNetY, ResNet: the papers' teachers), the
+mean of the map over all locations *is* the teacher's logits, and the mean over a view's crop box is a
+cheap, crop-aware estimate of what the teacher would say about that view: what the cache stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str  # any timm model name
+    weights: str | None  # local path or fsspec URL of a timm / official DeiT checkpoint; None: random init
+    num_classes: int = 1000
+    resolution: int = 224
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be built or cannot serve the requested mode; the message says what to do."""
+
+
+def read_state_dict(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint's state dict and the sha256 of the file. Accepts timm/official DeiT layouts
+    (``{"model": ...}``, ``{"state_dict": ...}``, plain), ``.safetensors``; loads tensors only."""
+    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        data = handle.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - name the file and the fix
+            raise TeacherError(f"{url}: not a tensor-only checkpoint ({type(exc).__name__}: {exc}); "
+                               f"save it with torch.save(model.state_dict()) or as .safetensors") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, digest
+
+
+class Teacher:
+    def __init__(self, spec: TeacherSpec, device: str = "cpu", storage_options: dict[str, Any] | None = None):
+        import timm
+
+        self.spec, self.device = spec, torch.device(device)
+        self.model: nn.Module = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes)
+        self.weights_sha256 = "random-init"
+        if spec.weights:
+            state, self.weights_sha256 = read_state_dict(spec.weights, storage_options)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise TeacherError(f"{spec.weights} does not fit {spec.name} with {spec.num_classes} classes: "
+                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        else:
+            log.warning("teacher %s has random weights (no weights file given)", spec.name)
+        self.model.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a cache records and a training run checks: same name, weights and resolution."""
+        return {"name": self.spec.name, "weights_sha256": self.weights_sha256,
+                "resolution": self.spec.resolution, "num_classes": self.spec.num_classes}
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Online teacher: normalised views [B,3,H,W] -> logits [B,C] (fp32)."""
+        with self._autocast():
+            return self.model(x.to(self.device, non_blocking=True)).float()
+
+    def _no_map(self) -> TeacherError:
+        return TeacherError(
+            f"teacher {self.spec.name} has no linear classifier on average-pooled spatial features, so it has no "
+            f"logit map for a crop-aware cache; use a convnet teacher (e.g. regnety_160) or distill.source=online")
+
+    def _linear_head(self) -> nn.Linear:
+        head = self.model.get_classifier()
+        pool = getattr(getattr(self.model, "head", None), "global_pool", None) or getattr(self.model, "global_pool", None)
+        pool_type = pool if isinstance(pool, str) else getattr(pool, "pool_type", "avg")  # ViTs say 'token'
+        if not isinstance(head, nn.Linear) or pool_type not in ("avg", "fast", "fastavg"):
+            raise self._no_map()
+        return head
+
+    @torch.no_grad()
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised whole images [B,3,R,R] -> logits at every feature location [B,C,h,w] (fp32)."""
+        head = self._linear_head()
+        with self._autocast():
+            features = self.model.forward_features(x.to(self.device, non_blocking=True))
+        if features.ndim != 4:
+            raise self._no_map()
+        features = features.float()
+        return torch.einsum("bfhw,cf->bchw", features, head.weight.float()) + head.bias.float().view(1, -1, 1, 1)

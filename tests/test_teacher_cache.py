@@ -1,0 +1,112 @@
+"""Teacher cache: map encoding and pooling, a build through a real local Ray cluster (folder and S3),
+resume, identity checks, and cached-vs-online labels on the same views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pipeline.build import BuildConfig, build_shards
+from pipeline.demo import write_digits_tree
+from pipeline.storage import Location
+from pipeline.stream import ShardSet
+from teacher_cache.build import CacheBuildConfig, build_cache
+from teacher_cache.cache import CacheMismatch, TeacherCache, part_name
+from teacher_cache.maps import box_weights, encode, mixed, pooled_logits
+from teacher_cache.teacher import Teacher, TeacherError, TeacherSpec
+
+pytestmark = [pytest.mark.dali, pytest.mark.slow]
+
+
+def test_encode_with_all_classes_is_lossless_and_pooling_is_an_overlap_mean() -> None:
+    maps = torch.randn(2, 12, 3, 3)
+    enc = encode(maps, 12)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1 / 3, 2 / 3]])
+    weights = box_weights(boxes, 3, 3)
+    assert torch.allclose(weights.sum(1), torch.ones(2))
+    assert torch.allclose(weights[1].view(3, 3), torch.tensor([[0.5, 0.5, 0], [0, 0, 0], [0, 0, 0]]))
+    got = pooled_logits(*(torch.from_numpy(a) for a in (enc.indices, enc.values, enc.floor)), weights, 12)
+    expected = torch.einsum("bl,bcl->bc", weights, maps.reshape(2, 12, 9))
+    assert torch.allclose(got, expected, atol=1e-2)
+
+
+def test_top_k_keeps_the_peak_and_the_tail_mass() -> None:
+    maps = torch.full((1, 100, 2, 2), -1.0)
+    maps[0, 7] = 5.0  # a confident teacher: class 7 everywhere
+    enc = encode(maps, 3)
+    out = pooled_logits(*(torch.from_numpy(a) for a in (enc.indices, enc.values, enc.floor)),
+                        box_weights(torch.tensor([[0.2, 0.2, 0.9, 0.6]]), 2, 2), 100)
+    assert out.argmax().item() == 7 and torch.allclose(out[0, 0], torch.tensor(-1.0))
+    assert torch.allclose(mixed(torch.eye(2), 0.7), torch.tensor([[0.7, 0.3], [0.3, 0.7]]))
+
+
+def test_the_map_mean_is_the_teachers_logits(tmp_path: Path) -> None:
+    model = timm.create_model("resnet10t", num_classes=10)
+    torch.save({"model": model.state_dict()}, tmp_path / "t.pt")  # the official DeiT checkpoint layout
+    teacher = Teacher(TeacherSpec("resnet10t", str(tmp_path / "t.pt"), 10, 64))
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.allclose(teacher.logit_map(x).mean((2, 3)), teacher.logits(x), atol=1e-5)
+    assert len(teacher.identity["weights_sha256"]) == 64
+    vit = Teacher(TeacherSpec("deit_tiny_patch16_224", None, 10, 224))
+    with pytest.raises(TeacherError, match="distill.source=online"):
+        vit.logit_map(torch.randn(1, 3, 224, 224))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShardSet, str]:
+    root = tmp_path_factory.mktemp("cache")
+    write_digits_tree(root / "digits", size=32)
+    build_shards(BuildConfig(src=str(root / "digits"), dst=Location(str(root / "shards")), shard_bytes=400_000,
+                             workers=1))
+    model = timm.create_model("resnet10t", num_classes=10)
+    torch.save(model.state_dict(), root / "teacher.pt")
+    return ShardSet.open(Location(str(root / "shards")), "train"), str(root / "teacher.pt")
+
+
+def test_build_through_ray_into_a_folder_resume_and_refusals(digits, tmp_path: Path) -> None:
+    shards, weights = digits
+    spec = TeacherSpec("resnet10t", weights, 10, 64)
+    out = Location(str(tmp_path / "cache"))
+    cfg = CacheBuildConfig(shards=shards.location, out=out, teacher=spec, topk=4, workers=2)
+    info = build_cache(cfg)
+    assert info["num_samples"] == len(shards) and info["map"] == {"height": 2, "width": 2, "k": 4}
+    assert info["dataset"]["fingerprint"] == shards.fingerprint
+    parts = sorted(p.name for p in (tmp_path / "cache").glob("train-*.parquet"))
+    assert parts == [part_name("train", s) for s in sorted(shards.shard_names)]
+    # resume: a lost part (and no cache.json) is rebuilt, the others kept
+    before = {p: (tmp_path / "cache" / p).stat().st_mtime_ns for p in parts}
+    (tmp_path / "cache" / "cache.json").unlink()
+    (tmp_path / "cache" / parts[1]).unlink()
+    build_cache(cfg)
+    after = {p: (tmp_path / "cache" / p).stat().st_mtime_ns for p in parts}
+    assert [p for p in parts if before[p] != after[p]] == [parts[1]]
+
+    teacher = Teacher(spec)
+    cache = TeacherCache(out, shards, teacher.identity)
+    # the whole image's box gives the teacher's logits on the whole (resized) image, up to fp16 + top-k
+    rows = np.arange(8)
+    full = cache.logits(rows, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 8))
+    assert full.shape == (8, 10) and torch.isfinite(full).all()
+    with pytest.raises(CacheMismatch, match="weights_sha256"):
+        TeacherCache(out, shards, {**teacher.identity, "weights_sha256": "0" * 64})
+    with pytest.raises(CacheMismatch, match="resolution"):
+        TeacherCache(out, shards, {**teacher.identity, "resolution": 224})
+    other = ShardSet.open(shards.location, "train")
+    other.fingerprint = "f" * 64
+    with pytest.raises(CacheMismatch, match="built for dataset"):
+        TeacherCache(out, other, teacher.identity)
+
+
+@pytest.mark.s3
+def test_build_into_s3(digits, object_store, s3_url: str) -> None:
+    shards, weights = digits
+    out = Location(s3_url, object_store.storage_options())
+    info = build_cache(CacheBuildConfig(shards=shards.location, out=out, topk=3, workers=1,
+                                        teacher=TeacherSpec("resnet10t", weights, 10, 64)))
+    cache = TeacherCache(out, shards)
+    assert cache.logits(np.array([0, 5, 9]), torch.tensor([[0.1, 0.1, 0.9, 0.9]] * 3)).shape == (3, 10)
+    assert info["bytes_per_image"] == 2 * 2 * (3 * 2 + 3 * 2 + 2)
