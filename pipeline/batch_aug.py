@@ -54,16 +54,18 @@ def draw_erase_boxes(rng: np.random.Generator, n: int, height: int, width: int, 
 
 
 def random_erase(x: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-    """Fill each box with per-pixel standard-normal noise (timm's 'pixel' mode), all images at once."""
-    if not boxes[:, 2].any():
+    """Fill each box with per-pixel standard-normal noise (timm's 'pixel' mode), all images at once; noise
+    is drawn only for the erased pixels (their count is known on the host, so no device sync)."""
+    erased = int((boxes[:, 2] * boxes[:, 3]).sum()) * x.shape[1]
+    if erased == 0:
         return x
     n, _, height, width = x.shape
     b = torch.as_tensor(boxes, device=x.device)
     ys = torch.arange(height, device=x.device).view(1, height, 1)
     xs = torch.arange(width, device=x.device).view(1, 1, width)
     top, left, h, w = (b[:, i].view(n, 1, 1) for i in range(4))
-    inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
-    return torch.where(inside.unsqueeze(1), torch.randn_like(x), x)
+    inside = ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).unsqueeze(1).expand_as(x)
+    return x.masked_scatter(inside, torch.randn(erased, device=x.device, dtype=x.dtype))
 
 
 def draw_mix(rng: np.random.Generator, cfg: MixConfig, height: int, width: int) -> MixParams:

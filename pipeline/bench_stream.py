@@ -47,7 +47,7 @@ def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: 
     batches = iter(loader)
     x, _ = augment(*(lambda b: (b.views, b.labels, b.rng))(next(batches)))  # warm-up: build, first reads
     _sync(device)
-    start_bytes, start = loader.metrics.bytes_read, time.perf_counter()
+    start = time.perf_counter()
     done = 0
     while done < views:
         b = next(batches)
@@ -55,7 +55,8 @@ def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: 
         done += len(x)
     _sync(device)
     seconds = time.perf_counter() - start
-    return done / seconds, (loader.metrics.bytes_read - start_bytes) / done
+    metrics = loader.metrics  # bytes per image fetched (read-ahead included), shared by its k views
+    return done / seconds, metrics.bytes_read / max(metrics.fetched, 1) / repeats
 
 
 def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, device: str, size: int) -> float:
@@ -87,6 +88,8 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
                  views: int = 960, size: int = 224) -> str:
     workers = workers or os.cpu_count() or 1
     device = _device()
+    if device == "cpu":
+        torch.set_num_threads(workers)  # the same CPU budget for every loader's batch work
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         origin = shards_url or "generated ImageNet-like JPEGs"
         if shards_url is None:

@@ -102,7 +102,8 @@ class Sample:
 
 @dataclass
 class StreamMetrics:
-    samples: int = 0
+    samples: int = 0  # yielded to the consumer
+    fetched: int = 0  # read from storage (read-ahead included)
     bytes_read: int = 0
     read_retries: int = 0
     corrupt_samples: int = 0
@@ -303,6 +304,7 @@ class SampleStream:
             found.update(self.pieces.read(piece.shard, piece.start, piece.stop))
         samples = [found.get(int(r)) for r in rows]
         self.metrics.windows += 1
+        self.metrics.fetched += len(rows)
         return window, self._fill(samples, window)
 
     def _fill(self, samples: list[Sample | None], window: Window) -> list[Sample]:
