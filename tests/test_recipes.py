@@ -734,7 +734,7 @@ def test_cli_errors() -> None:
     assert out.returncode == 2 and "data.batch_size" in out.stderr and "scaling.num_workers" in out.stderr
 
 
-def test_cli_training_is_an_honest_stub() -> None:
-    out = run_cli("demo_deit_tiny")
-    assert out.returncode != 0
-    assert "training is not implemented yet (issue 5)" in out.stderr
+def test_cli_refuses_unbuilt_shards_before_starting_ray(tmp_path) -> None:
+    out = run_cli("demo_deit_tiny", f"data.train_url={tmp_path}/none", f"data.val_url={tmp_path}/none")
+    assert out.returncode == 2
+    assert "is not built" in out.stderr and "pipeline build-shards" in out.stderr

@@ -2,9 +2,9 @@
 
     python -m trainer.main --list                                   # every recipe and its key numbers
     python -m trainer.main deit_s_distill optim.lr=1e-3 --print-config   # the resolved config, then exit
-    python -m trainer.main deit_s data.train_url=s3://b/in1k data.val_url=s3://b/in1k   # train (issue 5)
+    python -m trainer.main deit_s data.train_url=s3://b/in1k data.val_url=s3://b/in1k --storage s3://b/runs
 
-Training itself is not implemented yet: :func:`train` is the hook issue 5 fills in.
+:func:`train` hands the config to ``trainer.run.run`` (Ray Train workers running ``trainer.worker``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ def resolve(name: str, overrides: Sequence[str] = ()) -> TrainConfig:
     return apply_overrides(recipes.get(name), overrides).validate()
 
 
-def train(config: TrainConfig) -> None:
-    """Run training for ``config``. NOT IMPLEMENTED YET (issue 5).
+def train(config: TrainConfig, storage: str | None = None, name: str | None = None, max_failures: int = 0,
+          resume: str | None = None) -> None:
+    """Run training for ``config`` on Ray Train (``trainer.run.run``): strict validation (data URLs, teacher
+    weights), ``scaling.num_workers`` workers, checkpoints under ``storage``/``name``, up to ``max_failures``
+    worker-group restarts, optionally starting from the checkpoint ``resume``."""
+    from trainer.run import run
 
-    TODO(issue 5): the worker loop goes here. Planned shape: ``config.validate(strict=True)`` (data URLs,
-    teacher weights), then launch ``scaling.num_workers`` Ray Train workers, each: restore checkpoint ->
-    loader (pipeline) -> for each step: train_step, maybe log, maybe checkpoint, maybe eval.
-    """
-    raise SystemExit("training is not implemented yet (issue 5); use --print-config to see the resolved config")
+    result = run(config, storage_path=storage, name=name, max_failures=max_failures, resume=resume)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/") or k in ("step", "epoch")}
+    print(json.dumps({"run": str(result.path), "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+                      "metrics": metrics}, indent=2))
 
 
 def _fmt_lr(lr: float) -> str:
@@ -83,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides")
     p.add_argument("--list", action="store_true", help="list every recipe with its key numbers and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--storage", metavar="PATH_OR_URL", help="where checkpoints go (default: checkpoint.url, "
+                   "else ./runs); a run is the folder STORAGE/NAME")
+    p.add_argument("--name", help="run name (default: tracking.run_name, else MODEL-TIME); the same name and "
+                   "storage continue that run from its latest checkpoint")
+    p.add_argument("--max-failures", type=int, default=0, metavar="N",
+                   help="worker-group restarts from the latest checkpoint before giving up (-1: no limit)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="start from this checkpoint (or the latest in this "
+                   "folder) when the run has none of its own")
     p.add_argument(
         "--format",
         choices=("json", "flat"),
@@ -115,7 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(json.dumps({"recipe": args.recipe, "config": to_dict(config)}, indent=2))
         return 0
-    train(config)  # raises SystemExit until issue 5 lands
+    from pipeline.manifest import DatasetError
+
+    try:
+        train(config, storage=args.storage, name=args.name, max_failures=args.max_failures, resume=args.resume)
+    except (ConfigError, DatasetError) as exc:  # found before any worker starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

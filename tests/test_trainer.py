@@ -1,0 +1,346 @@
+"""The training run: optimizer / schedule pieces, then real 2-worker Ray Train runs on real digit shards.
+
+The Ray runs share one local Ray (loopback, 2 CPUs), one set of shards (400 train / 100 val digits at
+32 px) and a random-weights resnet10t teacher saved to a file. The uninterrupted run is the reference:
+the run whose rank 1 is killed mid-epoch must train on exactly its sample keys after the restart, and
+both log to a real ``mlflow server`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer import recipes
+from trainer.config import TrainConfig
+from trainer.optim import build_optimizer, build_schedule, lr_at
+from trainer.overrides import apply_overrides
+from trainer.worker import RunOptions, decode, encode, loss_config
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_schedule_is_timms_cosine_with_warmup_per_step() -> None:
+    from timm.scheduler import CosineLRScheduler
+
+    total, warmup, peak, warmup_lr, min_lr = 50, 8, 2e-3, 1e-6, 1e-5
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    timm_sched = CosineLRScheduler(optimizer, t_initial=total, lr_min=min_lr, warmup_t=warmup,
+                                   warmup_lr_init=warmup_lr, t_in_epochs=False)
+    for step in range(total + 5):
+        timm_sched.step_update(step)
+        assert lr_at(step, peak, total, warmup, warmup_lr, min_lr) == pytest.approx(optimizer.param_groups[0]["lr"])
+
+
+def test_schedule_per_epoch_is_a_staircase_and_peak_lr_uses_the_effective_batch() -> None:
+    config = recipes.get("deit_s")  # lr 5e-4 per 512, batch 1024 over 8 workers, repeats 3
+    from pipeline.loader import effective_batch
+
+    batch = effective_batch(config.data.batch_size, config.scaling.num_workers, config.data.stream.repeats)
+    assert batch == 1008  # 128 views per worker rounded down to 42 images x 3
+    schedule = build_schedule(config, batch, steps_per_epoch=10)
+    assert schedule.peak == pytest.approx(5e-4 * 1008 / 512)
+    assert schedule.total_steps == 300 * 10
+    assert schedule.at(0) == config.schedule.warmup_lr and schedule.at(50) == pytest.approx(schedule.peak, rel=1e-3)
+    staircase = build_schedule(apply_overrides(config, ["schedule.per_step=false"]), batch, steps_per_epoch=10)
+    assert len({staircase.at(s) for s in range(10, 20)}) == 1  # constant within an epoch
+    assert staircase.at(15) == pytest.approx(lr_at(1, schedule.peak, 300, 5, 1e-6, 1e-5))
+
+
+def test_optimizer_leaves_norms_biases_and_tokens_without_weight_decay() -> None:
+    config = recipes.get("demo_deit_tiny_distill")
+    model = config.model.build()
+    optimizer = build_optimizer(model, config, peak_lr=3e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {0.0, config.optim.weight_decay}
+    assert {"pos_embed", "cls_token", "dist_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= groups[0.0]
+    assert {"blocks.0.attn.qkv.weight", "head.weight", "head_dist.weight"} <= groups[config.optim.weight_decay]
+    assert type(optimizer).__name__ == "AdamW" and all(g["lr"] == 3e-3 for g in optimizer.param_groups)
+    lamb = build_optimizer(model, apply_overrides(config, ["optim.name=lamb"]), peak_lr=1e-3)
+    sgd = build_optimizer(model, apply_overrides(config, ["optim.name=sgd"]), peak_lr=1e-3)
+    assert type(lamb).__name__ == "Lamb" and type(sgd).__name__ == "SGD"
+
+
+def test_ema_follows_the_model_with_the_configured_decay() -> None:
+    from trainer.optim import build_ema
+
+    config = apply_overrides(recipes.get("demo_deit_tiny"), ["ema.enabled=true", "ema.decay=0.5"])
+    model = torch.nn.Linear(2, 2)
+    ema = build_ema(model, config)
+    assert build_ema(model, recipes.get("demo_deit_tiny")) is None  # off by default (DeiT Table 7)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, before + 0.5)
+
+
+def test_s3_storage_gets_a_pyarrow_filesystem_at_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.run import _storage
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    path, fs = _storage("s3://bucket/runs")
+    assert path == "bucket/runs" and type(fs).__name__ == "S3FileSystem"
+    assert _storage("/abs/runs") == ("/abs/runs", None)
+
+
+def test_a_checkpoint_of_another_worker_count_is_refused() -> None:
+    from trainer.checkpoint import CheckpointError, TrainState
+    from trainer.worker import _check_restored
+
+    config = recipes.get("demo_deit_tiny")
+    state = TrainState(step=5, epoch=0, model={}, loader={"0": {}, "1": {}, "2": {}, "3": {}})
+    with pytest.raises(CheckpointError, match="written by 4 workers, this run has 2.*scaling.num_workers=4"):
+        _check_restored(state, config, rank=0, world=2)
+
+
+def test_worker_config_round_trips_through_json() -> None:
+    config = recipes.get("demo_deit_tiny_distill")
+    options = RunOptions(name="x", tracking_uri="http://127.0.0.1:1", fault={"rank": 1, "step": 3, "marker": "/m"})
+    back = decode(json.loads(json.dumps(encode(config, options))))
+    assert back == (config, options)
+    loss = loss_config(config)
+    assert (loss.kind, loss.label_smoothing, loss.base) == ("hard", config.data.mix.label_smoothing, "ce")
+
+
+def test_unreachable_tracking_server_never_blocks_training() -> None:
+    import socket
+
+    from trainer.tracking import Tracker, TrackingSpec
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tracker = Tracker(TrackingSpec(tracking_uri=f"http://127.0.0.1:{port}", experiment="e", run_name="r",
+                                   params={"a": "1"}))
+    start = time.monotonic()
+    for step in range(200):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    assert time.monotonic() - start < 0.5, "logging must return at once"
+    assert tracker.close(timeout=60) is False  # it warned and gave up; nothing raised
+    assert tracker.failed and tracker.run_id is None
+
+
+def test_cli_refuses_unbuilt_shards_before_starting_ray(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trainer.main", "demo_deit_tiny", f"data.train_url={tmp_path}",
+                          f"data.val_url={tmp_path}", "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "split 'train' is not built" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Ray runs
+
+dali = pytest.mark.dali
+STEPS = 12  # 2 epochs of 400 // 64 = 6 steps
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """400 train / 100 val digit images (32 px, 10 classes) built into real shards."""
+    pytest.importorskip("nvidia.dali")
+    from pipeline.build import BuildConfig, build_shards
+    from pipeline.demo import write_digits_tree
+    from pipeline.storage import Location
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_tree(root / "src", size=32)
+    for split, keep in (("train", 40), ("val", 10)):
+        for folder in sorted((root / "src" / split).iterdir()):
+            for file in sorted(folder.iterdir())[keep:]:
+                file.unlink()
+        build_shards(BuildConfig(src=str(root / "src" / split), dst=Location(str(root / "shards")), split=split,
+                                 shard_bytes=60_000, workers=1))
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo teacher (resnet10t, 10 classes) with random weights, saved as a plain state_dict file."""
+    torch.manual_seed(1)
+    teacher = recipes.get("demo_teacher").model.build()
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    torch.save(teacher.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    """A local Ray on 127.0.0.1 (what ``run`` starts without RAY_ADDRESS), shut down at the end."""
+    import ray
+
+    from trainer.run import connect_ray
+
+    if ray.is_initialized():
+        pytest.skip("another Ray is connected in this process")
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    # Ray Train's controller polls the workers every 2 s (reports, failures); faster here. The driver's value
+    # is propagated to the controller (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
+    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    connect_ray(2, temp_dir=temp)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
+
+
+def _config(digits: str, teacher_file: str) -> TrainConfig:
+    return apply_overrides(recipes.get("demo_deit_tiny_distill"), [
+        f"data.train_url={digits}", f"data.val_url={digits}", "schedule.epochs=2", "checkpoint.every_n_steps=4",
+        "checkpoint.keep=3", "tracking.log_every_n_steps=2", "tracking.experiment=test-trainer",
+        f"distill.teacher.pretrained_path={teacher_file}",
+    ])
+
+
+@dataclass
+class Ran:
+    result: Any
+    run_dir: Path
+    keys: dict[int, dict[int, list[list[str]]]]  # rank -> step -> every logged key list (one per attempt)
+    seconds: float
+
+
+def _train(tmp: Path, name: str, digits: str, teacher_file: str, tracking_uri: str, **options: Any) -> Ran:
+    from trainer.run import run
+
+    keys_dir = tmp / f"keys-{name}"
+    keys_dir.mkdir()
+    start = time.monotonic()
+    result = run(_config(digits, teacher_file), storage_path=str(tmp / "storage"), name=name, max_failures=1,
+                 options=RunOptions(tracking_uri=tracking_uri, loader_threads=2, dali_threads=1,
+                                    key_log_dir=str(keys_dir), **options))
+    seconds = time.monotonic() - start
+    keys: dict[int, dict[int, list[list[str]]]] = {}
+    for rank in (0, 1):
+        per_step: dict[int, list[list[str]]] = defaultdict(list)
+        for line in (keys_dir / f"keys-rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            per_step[entry["step"]].append(entry["keys"])
+        keys[rank] = dict(per_step)
+    print(f"run {name}: {seconds:.1f} s, worker timing {result.return_value.get('timing')}")
+    return Ran(result, tmp / "storage" / name, keys, seconds)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, digits: str, teacher_file: str, local_ray: Any,
+              mlflow_server: Any) -> Ran:
+    """The uninterrupted run, logging to the real MLflow server."""
+    return _train(tmp_path_factory.mktemp("reference"), "reference", digits, teacher_file, mlflow_server.tracking_uri)
+
+
+@dali
+def test_two_workers_train_a_distilled_student(reference: Ran, digits: str) -> None:
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    summary = reference.result.return_value
+    history = summary["history"]
+    assert [h["step"] for h in history] == list(range(2, STEPS + 1, 2))
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < losses[0] - 0.3, f"the loss does not go down: {losses}"
+    for h in history:
+        assert h["img_per_s"] > 0 and 0 <= h["data_wait_frac"] < 1 and h["loss_distill"] > 0
+        assert h["loader/corrupt_samples"] == 0 and h["loader/substituted"] == 0
+    assert history[0]["lr"] < history[2]["lr"]  # warmup over the first epoch, then cosine down
+    assert history[-1]["lr"] < history[2]["lr"]
+    # eval at each epoch end: class head, distillation head and the fused classifier, on all 100 val images
+    metrics = reference.result.metrics
+    assert metrics["step"] == STEPS and metrics["eval/samples"] == 100
+    for name in ("eval/top1", "eval/top5", "eval/dist_top1", "eval/dist_top5", "eval/fused_top1", "eval/fused_top5"):
+        assert 0 <= metrics[name] <= 100
+    assert metrics["eval/top5"] >= metrics["eval/top1"]
+    # checkpoints in the storage path: Ray keeps checkpoint.keep=3 of those at 4, 6, 8, 12
+    kept = sorted(p.name for p in reference.run_dir.glob("step-*"))
+    assert kept == ["step-00000006", "step-00000008", "step-00000012"]
+    assert (reference.run_dir / "checkpoint_manager_snapshot.json").is_file()
+    fingerprint = ShardSet.open(Location(digits), "train").fingerprint
+    state = load_checkpoint(latest_checkpoint(reference.run_dir), expect_fingerprint=fingerprint)
+    assert state.step == STEPS and state.epoch == 2 and set(state.loader) == {"0", "1"}
+    assert state.loader["1"]["stream"]["rank"] == 1 and state.loader["1"]["step"] == STEPS
+    assert not any(k.startswith("module.") for k in state.model)  # the bare model, not DDP's wrapper
+    assert summary["mlflow_run_id"] and state.extra["mlflow_run_id"] == summary["mlflow_run_id"]
+    # both ranks trained on disjoint images, 10 images x 3 views each per step
+    for step in range(STEPS):
+        a, b = reference.keys[0][step][0], reference.keys[1][step][0]
+        assert len(a) == len(b) == 30 and not set(a) & set(b)
+
+
+@dali
+def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_server: Any, digits: str,
+                                                         teacher_file: str) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.get_run(reference.result.return_value["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "reference"
+    params = run.data.params
+    assert params["model.name"] == "deit_tiny_distilled_patch16_224" and params["data.batch_size"] == "64"
+    assert params["distill.teacher.pretrained_path"] == teacher_file and len(params) > 80
+    tags = run.data.tags
+    assert tags["dataset.fingerprint"] == ShardSet.open(Location(digits), "train").fingerprint
+    assert tags["teacher"] == "resnet10t@32" and len(tags["teacher.sha256"]) == 64 and tags["code_version"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(2, STEPS + 1, 2))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/fused_top1")] == [6, 12]
+    assert {"data_wait_frac", "img_per_s", "lr", "loader/substituted"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.json" in artifacts
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["model"]  # the final student, mlflow.pytorch.log_model
+    assert (reference.run_dir / "tracking.json").is_file()
+
+
+@dali
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_on_the_same_samples(reference: Ran, tmp_path: Path, digits: str,
+                                                             teacher_file: str, mlflow_server: Any) -> None:
+    """Rank 1 exits hard after step 10 (epoch 2 of 2, step 4 of 6); the last checkpoint is step 8. With
+    max_failures=1 Ray restarts both workers from it and the run finishes on the reference's samples."""
+    marker = tmp_path / "fault-marker"
+    ran = _train(tmp_path, "fault", digits, teacher_file, mlflow_server.tracking_uri,
+                 fault={"rank": 1, "step": 10, "marker": str(marker)})
+    assert marker.is_file(), "the fault hook did not fire"
+    summary = ran.result.return_value
+    assert summary["restored_from"] == 8 and ran.result.metrics["step"] == STEPS
+    for rank in (0, 1):
+        assert sorted(ran.keys[rank]) == list(range(STEPS))
+        for step in range(STEPS):
+            attempts = ran.keys[rank][step]
+            # steps 8 and 9 were trained before the failure and again after the restart
+            assert len(attempts) == (2 if 8 <= step < 10 else 1), (rank, step, len(attempts))
+            for keys in attempts:
+                assert keys == reference.keys[rank][step][0], f"rank {rank} step {step} trained other samples"
+    # one MLflow run, continued after the restart
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name("test-trainer")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'fault'")
+    assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["distillery.resumed_at_step"] == "8"
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert steps == set(range(2, STEPS + 1, 2))

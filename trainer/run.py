@@ -1,0 +1,229 @@
+"""Launch one training run on Ray Train: ``run(config, storage_path, name, max_failures, resume)``.
+
+Ray Train 2.60 runs its "V2" implementation by default (``RAY_TRAIN_V2_ENABLED`` unset = on; ``=0``
+falls back to the deprecated V1). What that means here:
+
+* ``TorchTrainer(train_loop_per_worker, train_loop_config, scaling_config, run_config)``; ``fit()``
+  starts a controller actor that starts ``num_workers`` worker actors (1 CPU each, or 1 GPU each) and
+  sets up the torch process group (gloo on CPU, NCCL on GPU).
+* A worker that dies or raises fails the whole worker group. The controller's failure policy counts it
+  against ``FailureConfig(max_failures)``; while the count is within it, the controller tears the group
+  down, starts a new one and hands every worker the latest checkpoint registered with
+  ``ray.train.report(..., checkpoint=...)`` (``ray.train.get_checkpoint()``). Beyond it, ``fit()``
+  raises ``ray.train.WorkerGroupError`` (a ``TrainingFailedError``).
+* Checkpoints land in ``storage_path/name/<checkpoint_dir_name>``; the controller's
+  ``checkpoint_manager_snapshot.json`` there lists them. Calling ``run`` again with the same
+  ``storage_path`` and ``name`` loads that snapshot, so the new run's workers get its latest checkpoint
+  too: that is how a crashed driver or a finished run is continued (``resume_from_checkpoint`` and
+  ``Trainer.restore`` are gone in V2). ``resume=`` here is for starting from a checkpoint of *another*
+  run (or a copied folder); Ray's own checkpoint wins when there is one.
+
+Ray: ``RAY_ADDRESS`` (a GCS address such as ``127.0.0.1:6379``, as set inside ``ray job submit``) or
+``DISTILLERY_RAY_GCS_ADDRESS`` (what ``python -m infra.local`` prints) connects to a running cluster; without
+either, a local Ray is started on 127.0.0.1 with enough CPUs for the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.tracking import default_tracking_uri
+from trainer.worker import RunOptions, encode, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "preflight", "run_name", "absolute_paths", "code_version", "connect_ray", "DEFAULT_STORAGE"]
+
+DEFAULT_STORAGE = "runs"  # a local folder under the current directory when neither --storage nor checkpoint.url
+
+
+def run(config: TrainConfig, storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
+        resume: str | None = None, *, options: RunOptions | None = None) -> Any:
+    """Train ``config`` on ``config.scaling.num_workers`` Ray Train workers; return Ray's ``Result``.
+
+    ``storage_path``: folder or URL for checkpoints (default ``checkpoint.url``, else ``./runs``);
+    ``name``: the run's folder in it (same name = same run, continued from its latest checkpoint);
+    ``max_failures``: worker-group restarts allowed (-1: unlimited); ``resume``: a checkpoint (or a folder
+    of checkpoints) to start from when this run has none yet. ``options`` carries switches that are not
+    part of the recipe (tracking URI, test hooks); its name / run_dir / resume / code version are filled in.
+    Raises ``ray.train.TrainingFailedError`` when training fails beyond ``max_failures``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config = absolute_paths(config).validate(strict=True)
+    preflight(config)
+    name = name or run_name(config)
+    storage = _absolute(storage_path or config.checkpoint.url or DEFAULT_STORAGE)
+    run_dir = storage.rstrip("/") + "/" + name
+    options = options or RunOptions()
+    tracking_uri = options.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(
+        run_dir if "://" not in run_dir else None)
+    if tracking_uri.lower() in ("off", "none"):
+        tracking_uri = ""
+    connect_ray(config.scaling.num_workers)
+    options = replace(options, name=name, run_dir=run_dir, tracking_uri=tracking_uri,
+                      resume=_absolute(resume) if resume else options.resume,
+                      code_version=options.code_version or code_version(), ray_job_id=options.ray_job_id or _job_id())
+    storage_arg, filesystem = _storage(storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=encode(config, options),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_arg,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        ),
+    )
+    log.info("run %r: %d workers, checkpoints in %s, tracking %s", name, config.scaling.num_workers, run_dir,
+             tracking_uri or "off")
+    return trainer.fit()
+
+
+def preflight(config: TrainConfig) -> None:
+    """Fail in the driver, before Ray starts, on what the workers would only find later: unbuilt shards, a
+    class count the model does not have, weights files that are not there."""
+    from pipeline.manifest import DatasetError, read_info
+    from pipeline.storage import Location
+
+    for url, split in ((config.data.train_url, "train"), (config.data.val_url, "val")):
+        info = read_info(Location(url), split)
+        if info.num_classes != config.model.num_classes:
+            raise DatasetError(
+                f"{url} split {split!r} has {info.num_classes} classes but model.num_classes="
+                f"{config.model.num_classes}: set model.num_classes={info.num_classes} (and the teacher's)"
+            )
+    for field_name, path in (("model.pretrained_path", config.model.pretrained_path),
+                             ("distill.teacher.pretrained_path", config.distill.teacher.pretrained_path)):
+        if config.distill.kind == "none" and field_name.startswith("distill."):
+            continue
+        if path and "://" not in path and not os.path.exists(path):
+            raise DatasetError(f"{field_name}={path}: no such file or folder")
+
+
+def run_name(config: TrainConfig) -> str:
+    """``tracking.run_name``, else ``<model>-<UTC time>`` (a new run each time)."""
+    if config.tracking.run_name:
+        return config.tracking.run_name
+    return f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local relative paths (shards, weights, checkpoint folder) made absolute: workers run elsewhere."""
+    data = replace(config.data, train_url=_absolute(config.data.train_url), val_url=_absolute(config.data.val_url))
+    model = replace(config.model, pretrained_path=_absolute(config.model.pretrained_path))
+    teacher = replace(config.distill.teacher, pretrained_path=_absolute(config.distill.teacher.pretrained_path))
+    return replace(config, data=data, model=model, distill=replace(config.distill, teacher=teacher))
+
+
+def _absolute(path: Any) -> Any:
+    if not path or "://" in str(path):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def _storage(storage: str) -> tuple[str, Any]:
+    """``RunConfig(storage_path, storage_filesystem)``: an S3 URL gets a pyarrow file system pointed at
+    ``AWS_ENDPOINT_URL(_S3)`` when one is set (local / MinIO / moto stores); anything else is Ray's."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not storage.startswith(("s3://", "s3a://")) or not endpoint:
+        return storage, None
+    import pyarrow.fs
+
+    scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return storage.split("://", 1)[1], fs
+
+
+def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
+    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process).
+
+    The local Ray has ``max(num_workers, cores)`` CPUs and its dashboard on a free loopback port: Ray Train
+    V2's placement-group cleaner asks the dashboard's state API whether the controller is alive (without
+    it, it logs a warning every few seconds and cannot clean up after a dead controller).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        raise RuntimeError(
+            f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
+            "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
+            "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
+        )
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address)
+        return
+    # Loopback only: without this Ray 2.60 swaps 127.0.0.1 for the machine's routable IP (see infra/raycluster.py).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+             object_store_memory=256 * 1024 * 1024)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _job_id() -> str:
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID", "")
+    if submission:
+        return submission
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() or ""
+    except Exception:
+        return ""
+
+
+def code_version() -> str:
+    """``DISTILLERY_CODE_VERSION``, else the checkout's commit read from ``.git`` (no git process), else the
+    package version."""
+    if os.environ.get("DISTILLERY_CODE_VERSION"):
+        return os.environ["DISTILLERY_CODE_VERSION"]
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = (git.parent / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head[:12]
+        ref = head.split(" ", 1)[1]
+        common = git / "commondir"
+        root = (git / common.read_text().strip()).resolve() if common.is_file() else git
+        for base in (git, root):
+            if (base / ref).is_file():
+                return f"{ref.rsplit('/', 1)[-1]}@{(base / ref).read_text().strip()[:12]}"
+        packed = root / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if re.match(r"^[0-9a-f]{40} ", line) and line.endswith(" " + ref):
+                    return f"{ref.rsplit('/', 1)[-1]}@{line[:12]}"
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"distillery {version('distillery')}"
+    except PackageNotFoundError:
+        return "unknown"
+

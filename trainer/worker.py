@@ -1,0 +1,492 @@
+"""The training loop of one Ray Train worker (one per GPU; gloo on CPU in tests and the demo).
+
+    restore (ray.train.get_checkpoint(), else RunOptions.resume)
+    -> build: model (DDP via ray.train.torch.prepare_model), optimizer + schedule + EMA, teacher,
+       train loader for this rank, batch augmentation, eval loader, tracker (rank 0)
+    -> for each step: train_step, maybe log, maybe eval + checkpoint (epoch end), maybe checkpoint
+
+A checkpoint is reported with ``ray.train.report(metrics, checkpoint=...)`` from rank 0 (the others
+report the metrics alone; the call is a barrier), every ``checkpoint.every_n_steps`` steps and at each
+epoch end, where the model is evaluated first. It holds every rank's loader state and RNG states, so a
+restarted worker group (Ray Train restarts all workers after a failure, up to
+``FailureConfig.max_failures`` times, and hands them the latest reported checkpoint) trains on exactly the
+samples, crops and batch-level draws the uninterrupted run would have. Steps between that checkpoint and
+the failure are trained again.
+
+One epoch is N views of the N-image train split (``TrainLoader.steps_per_epoch``), as DeiT counts
+epochs under repeated augmentation. The teacher (online) sees the same mixed batch as the student,
+as in DeiT; its outputs never get a gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.batch_aug import BatchAugment, normalize
+from pipeline.loader import Batch, EvalLoader, TrainLoader, effective_batch
+from pipeline.storage import Location
+from pipeline.stream import ShardSet
+from trainer.checkpoint import (
+    CheckpointError,
+    TrainState,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+    restore_rng,
+    safe_config,
+    save_checkpoint,
+)
+from trainer.config import ConfigError, TrainConfig
+from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
+from trainer.optim import LRSchedule, build_ema, build_optimizer, build_schedule, clip_gradients, unwrap
+from trainer.overrides import apply_overrides, flatten
+from trainer.tracking import NullTracker, Tracker, TrackingSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "build_teacher", "loss_config",
+           "train_step", "evaluate", "checkpoint"]
+
+LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Facts and switches of one run that are not part of the recipe, passed to every worker.
+
+    ``fault`` and ``key_log_dir`` exist for tests and debugging: ``fault={"rank": 1, "step": 7,
+    "marker": PATH}`` makes that rank exit hard after that step once (the marker file remembers it), and
+    ``key_log_dir`` gets one JSON line per step and rank with the sample keys trained on.
+    """
+
+    name: str = "run"
+    run_dir: str | None = None  # the run's storage folder (storage_path/name): tracking.json lives there
+    tracking_uri: str = ""  # "": no tracking
+    resume: str | None = None  # checkpoint (or folder of checkpoints) to start from when Ray has none
+    code_version: str = ""
+    ray_job_id: str = ""
+    loader_threads: int = 4
+    dali_threads: int = 2
+    log_model: bool = True  # the final model to MLflow (mlflow.pytorch.log_model)
+    key_log_dir: str | None = None
+    fault: dict[str, Any] | None = None
+
+
+def encode(config: TrainConfig, options: RunOptions) -> dict[str, Any]:
+    """``train_loop_config`` for Ray: the flattened config (override syntax) and the options, JSON-able."""
+    return {"config": flatten(config), "options": dataclasses.asdict(options)}
+
+
+def decode(config_dict: dict[str, Any]) -> tuple[TrainConfig, RunOptions]:
+    """Inverse of :func:`encode`."""
+    config = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in config_dict["config"].items()])
+    return config, RunOptions(**config_dict.get("options", {}))
+
+
+def loss_config(config: TrainConfig) -> DistillLossConfig:
+    """``trainer.losses`` settings of a run (label smoothing is the Mixup stage's, DeiT's 0.1)."""
+    d = config.distill
+    return DistillLossConfig(kind=d.kind, tau=d.tau, alpha=d.alpha, label_smoothing=config.data.mix.label_smoothing,
+                             base=config.loss.base, bce_target_threshold=config.loss.bce_target_threshold)
+
+
+@dataclass
+class Parts:
+    """Everything the loop uses, built once per worker (start or restart)."""
+
+    config: TrainConfig
+    options: RunOptions
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped (and compiled) when so configured; unwrap() gives the bare model
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    ema: Any | None
+    teacher: torch.nn.Module | None
+    augment: BatchAugment
+    loader: TrainLoader
+    eval_loader: EvalLoader
+    loss: DistillLossConfig
+    tracker: NullTracker
+    fingerprint: str
+    step: int = 0
+    restored_from: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on GPU when ``runtime.bf16`` (fp32 on CPU: CPU bf16 is slow and not what runs)."""
+        enabled = self.device.type == "cuda" and self.config.runtime.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's entry point on every worker; returns a summary on rank 0 (``Result.return_value``)."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.time()
+    config, options = decode(config_dict)
+    ctx = ray.train.get_context()
+    p = build(config, options, ctx.get_world_rank(), ctx.get_world_size())
+    p.timing["build_s"] = time.time() - started
+    batches = iter(p.loader)
+    timer = _Timer()
+    while p.step < p.schedule.total_steps:
+        batch = timer.wait(batches)
+        terms = train_step(p, batch)
+        p.step += 1
+        timer.stepped(len(batch.keys))
+        _after_step(p, batch)
+        if p.step % p.config.tracking.log_every_n_steps == 0:
+            _log(p, terms, timer.take())
+        epoch_end = p.step % p.loader.steps_per_epoch == 0
+        if epoch_end:
+            p.last_eval = evaluate(p)
+            p.tracker.log_metrics(p.last_eval, p.step)
+        if epoch_end or p.step % p.config.checkpoint.every_n_steps == 0:
+            checkpoint(p, {**p.last_eval} if epoch_end else {})
+            timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
+    p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
+    return _finish(p)
+
+
+class _Timer:
+    """Step time and the part of it spent waiting for the next batch, summed over a logging interval."""
+
+    def __init__(self) -> None:
+        self.wait_s = self.total_s = 0.0
+        self.views = 0
+        self._mark = time.perf_counter()
+
+    def wait(self, batches: Iterator[Batch]) -> Batch:
+        start = time.perf_counter()
+        batch = next(batches)
+        self.wait_s += time.perf_counter() - start
+        return batch
+
+    def stepped(self, views: int) -> None:
+        now = time.perf_counter()
+        self.total_s += now - self._mark
+        self._mark = now
+        self.views += views
+
+    def restart(self) -> None:
+        self._mark = time.perf_counter()
+
+    def take(self) -> dict[str, float]:
+        out = {"step_s": self.total_s, "wait_s": self.wait_s, "views": float(self.views)}
+        self.wait_s = self.total_s = 0.0
+        self.views = 0
+        return out
+
+
+def train_step(p: Parts, batch: Batch) -> LossTerms:
+    """One optimizer step on ``batch``: augment, teacher, student, loss, backward, clip, update, EMA."""
+    p.schedule.apply(p.optimizer, p.step)
+    x, targets = p.augment(batch.views, batch.labels, batch.rng)
+    with p.autocast:
+        teacher_logits = None
+        if p.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = p.teacher(x)  # the same mixed batch the student sees (DeiT)
+        out = p.model(x)
+    terms = distillation_loss(out, targets, teacher_logits, p.loss)
+    p.optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    clip_gradients(p.model, p.config.optim.clip_grad)
+    p.optimizer.step()
+    if p.ema is not None:
+        p.ema.update(unwrap(p.model))
+    return terms
+
+
+@torch.no_grad()
+def evaluate(p: Parts) -> dict[str, float]:
+    """Top-1 / top-5 on the val split, summed over ranks: class head, and for distilled models the
+    distillation head and DeiT's fused classifier (softmax sum of both heads)."""
+    model = unwrap(p.model)
+    was_training = model.training
+    model.eval()
+    distilled = p.config.model.distilled
+    heads = ("cls", "dist", "fused") if distilled else ("cls",)
+    sums = torch.zeros(len(heads) * 2 + 1, dtype=torch.float64)
+    for images, labels, _keys in p.eval_loader:
+        x = normalize(images, p.config.data.augment).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(p.device)
+        with p.autocast:
+            if distilled:
+                tokens = model.forward_features(x)
+                cls_logits, dist_logits = model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
+                outputs = [cls_logits, dist_logits, fuse_heads(cls_logits, dist_logits)]
+            else:
+                outputs = [model(x)]
+        n = labels.shape[0]
+        for i, logits in enumerate(outputs):
+            acc = topk_accuracy(logits.float(), labels, (1, 5))
+            sums[2 * i] += acc[1] * n / 100.0
+            sums[2 * i + 1] += acc[5] * n / 100.0
+        sums[-1] += n
+    model.train(was_training)
+    sums = _all_reduce_sum(sums)
+    count = max(float(sums[-1]), 1.0)
+    names = {"cls": "eval/", "dist": "eval/dist_", "fused": "eval/fused_"}
+    out = {"eval/samples": float(sums[-1])}
+    for i, head in enumerate(heads):
+        out[f"{names[head]}top1"] = float(sums[2 * i]) * 100.0 / count
+        out[f"{names[head]}top5"] = float(sums[2 * i + 1]) * 100.0 / count
+    return out
+
+
+def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
+    """Gather every rank's loader and RNG state; rank 0 writes the checkpoint and reports it to Ray."""
+    import ray.train
+
+    mine = {"loader": p.loader.state_dict(), "rng": capture_rng()}
+    every = _all_gather(mine, p.world)
+    metrics = {**metrics, "step": p.step, "epoch": p.step / p.loader.steps_per_epoch}
+    if p.rank != 0:
+        ray.train.report(metrics)
+        return
+    bare = unwrap(p.model)
+    state = TrainState(
+        step=p.step, epoch=p.step // p.loader.steps_per_epoch, model=bare.state_dict(),
+        optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
+        loader={str(r): s["loader"] for r, s in enumerate(every)}, rng={str(r): s["rng"] for r, s in enumerate(every)},
+        schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
+        extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world},
+    )
+    with tempfile.TemporaryDirectory(prefix="distillery-ckpt-") as staging:
+        path = save_checkpoint(state, staging)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         checkpoint_dir_name=path.name)
+    # Ray registers a reported checkpoint when its controller next polls the workers; wait for that, so
+    # that a failure from here on restarts from this checkpoint and not from the one before.
+    started = time.time()
+    try:
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=300)
+    except Exception as exc:  # the wait is a guarantee about restarts, not a condition for training on
+        log.warning("step %d: could not confirm that Ray registered the checkpoint (%s)", p.step, exc)
+    p.timing["checkpoint_wait_s"] = p.timing.get("checkpoint_wait_s", 0.0) + time.time() - started
+    log.info("step %d: checkpoint %s reported", p.step, path.name)
+
+
+def _log(p: Parts, terms: LossTerms, timing: dict[str, float]) -> None:
+    """Average the loss terms and sum the loader counters over ranks (one small all-reduce), log on rank 0."""
+    loader = p.loader.metrics.as_dict()
+    loss = terms.detached()  # one device sync
+    values = torch.tensor([loss["loss"], loss["loss_base"], loss["loss_distill"], timing["views"],
+                           *[float(loader.get(k, 0)) for k in LOADER_METRICS]], dtype=torch.float64)
+    values = _all_reduce_sum(values)
+    world = float(p.world)
+    metrics = {
+        "loss": float(values[0]) / world, "loss_base": float(values[1]) / world,
+        "loss_distill": float(values[2]) / world, "lr": p.schedule.at(p.step - 1),
+        "img_per_s": float(values[3]) / max(timing["step_s"], 1e-9),
+        "data_wait_frac": timing["wait_s"] / max(timing["step_s"], 1e-9),
+        "epoch": p.step / p.loader.steps_per_epoch,
+        **{f"loader/{k}": float(v) for k, v in zip(LOADER_METRICS, values[4:].tolist(), strict=True)},
+    }
+    p.history.append({"step": float(p.step), **metrics})
+    p.tracker.log_metrics(metrics, p.step)
+    if p.rank == 0:
+        log.info("step %d/%d loss %.4f lr %.3g %.0f img/s wait %.0f%%", p.step, p.schedule.total_steps,
+                 metrics["loss"], metrics["lr"], metrics["img_per_s"], 100 * metrics["data_wait_frac"])
+
+
+def _after_step(p: Parts, batch: Batch) -> None:
+    """Debugging / test hooks: the key log and the one-time fault (see RunOptions)."""
+    if p.options.key_log_dir:
+        line = json.dumps({"step": batch.step, "keys": list(batch.keys), "pid": os.getpid()})
+        with open(Path(p.options.key_log_dir) / f"keys-rank{p.rank}.jsonl", "a") as handle:
+            handle.write(line + "\n")
+    fault = p.options.fault
+    if fault and fault.get("rank") == p.rank and fault.get("step") == p.step:
+        marker = Path(fault["marker"])
+        if not marker.exists():
+            marker.write_text(f"rank {p.rank} exited at step {p.step}\n")
+            log.warning("fault hook: rank %d exits at step %d", p.rank, p.step)
+            os._exit(1)
+
+
+def _finish(p: Parts) -> dict[str, Any] | None:
+    if p.options.log_model and p.rank == 0 and p.restored_from != p.step:
+        import copy
+
+        p.tracker.log_model(copy.deepcopy(unwrap(p.model)).cpu().eval())
+    p.tracker.close()
+    if p.rank != 0:
+        return None
+    return {"step": p.step, "history": p.history, "eval": p.last_eval, "restored_from": p.restored_from,
+            "mlflow_run_id": p.tracker.run_id, "fingerprint": p.fingerprint, "timing": p.timing}
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Parts:
+    """Restore, then build every part for this rank (the model on this worker's device, DDP-wrapped)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    train_shards = ShardSet.open(Location(config.data.train_url), "train")
+    val_shards = ShardSet.open(Location(config.data.val_url), "val")
+    restored = _restore(options, train_shards.fingerprint)
+    if restored is not None:
+        _check_restored(restored, config, rank, world)
+    torch.manual_seed(config.runtime.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    bare = config.model.build()
+    if restored is not None:
+        bare.load_state_dict(restored.model)
+    elif config.model.pretrained_path:
+        load_pretrained(bare, config.model.pretrained_path)
+    if config.model.distilled:
+        bare.set_distilled_training(True)  # timm: return (cls, dist) logits in training mode
+    if config.runtime.channels_last:
+        bare = bare.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(bare, move_to_device=device)
+    if config.runtime.compile:
+        model = torch.compile(model)
+    data_device = "cpu" if device.type == "cpu" else str(device)
+    loader = TrainLoader(train_shards, config.data, world, rank, data_device, threads=options.loader_threads,
+                         dali_threads=options.dali_threads,
+                         state=restored.loader.get(str(rank)) if restored is not None else None)
+    batch = effective_batch(config.data.batch_size, world, config.data.stream.repeats)
+    schedule = build_schedule(config, batch, loader.steps_per_epoch)
+    optimizer = build_optimizer(model, config, schedule.peak, device)
+    ema = build_ema(model, config)
+    if restored is not None:
+        optimizer.load_state_dict(restored.optimizer)
+        if ema is not None and restored.ema is not None:
+            ema.module.load_state_dict(restored.ema)
+    teacher, teacher_tags = build_teacher(config, device)
+    eval_batch = max(1, config.data.batch_size // world)
+    eval_loader = EvalLoader(val_shards, config.data, eval_batch, world, rank, data_device, options.dali_threads)
+    tracker = _tracker(config, options, rank, train_shards.fingerprint, teacher_tags, restored)
+    p = Parts(config, options, rank, world, device, model, optimizer, schedule, ema, teacher,
+              BatchAugment(config.data.augment, config.data.mix, config.model.num_classes), loader, eval_loader,
+              loss_config(config), tracker, train_shards.fingerprint)
+    if restored is not None:
+        p.step = p.restored_from = restored.step
+    # the seed of this rank's stochastic layers (drop path) and erasing noise, DeiT's seed + rank
+    torch.manual_seed(config.runtime.seed + rank)
+    if restored is not None and str(rank) in restored.rng:
+        restore_rng(restored.rng[str(rank)])  # continue each rank's streams exactly
+    if rank == 0:
+        log.info("training %s: %d steps (%d per epoch), effective global batch %d, peak lr %.3g, %s, from %s",
+                 config.model.name, schedule.total_steps, loader.steps_per_epoch, batch, schedule.peak, device,
+                 f"step {p.step}" if restored is not None else "scratch")
+    return p
+
+
+def build_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module | None, dict[str, str]]:
+    """The online teacher in eval mode without gradients, and its identity (tags); None without distillation."""
+    d = config.distill
+    if d.kind == "none":
+        return None, {}
+    if d.source != "online":
+        raise ConfigError([f"distill.source={d.source!r}: the teacher cache is not available to the trainer yet; "
+                           "use distill.source=online"])
+    teacher = d.teacher.build()
+    identity = {"teacher": f"{d.teacher.name}@{d.teacher.img_size}", "teacher.weights": d.teacher.pretrained_path or ""}
+    if d.teacher.pretrained_path:
+        info = load_pretrained(teacher, d.teacher.pretrained_path)
+        identity["teacher.sha256"] = info["sha256"]
+    else:
+        log.warning("distill.teacher.pretrained_path is not set: the teacher has random weights")
+        identity["teacher.weights"] = "random"
+    if config.runtime.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return teacher, identity
+
+
+def _restore(options: RunOptions, fingerprint: str) -> TrainState | None:
+    """The latest checkpoint Ray hands this worker group, else ``options.resume``, else None."""
+    import ray.train
+
+    found = ray.train.get_checkpoint()
+    if found is not None:
+        with found.as_directory() as folder:
+            return load_checkpoint(folder, expect_fingerprint=fingerprint)
+    if options.resume:
+        path = options.resume if "://" in options.resume else latest_checkpoint(options.resume)
+        if path is None:
+            raise CheckpointError(f"resume={options.resume!r}: no complete checkpoint there")
+        return load_checkpoint(path, expect_fingerprint=fingerprint)
+    return None
+
+
+def _check_restored(restored: TrainState, config: TrainConfig, rank: int, world: int) -> None:
+    """Refuse a worker count the checkpoint's loader states cannot serve; warn about config changes."""
+    if len(restored.loader) != world or str(rank) not in restored.loader:
+        raise CheckpointError(
+            f"the checkpoint at step {restored.step} was written by {len(restored.loader)} workers, this run has "
+            f"{world}: the sample order depends on the worker count; resume with "
+            f"scaling.num_workers={len(restored.loader)} or start a new run from its weights (model.pretrained_path)"
+        )
+    now = safe_config(config)
+    changed = sorted(k for k in set(now) | set(restored.config) if now.get(k) != restored.config.get(k))
+    if changed and rank == 0:
+        log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+
+
+def _tracker(config: TrainConfig, options: RunOptions, rank: int, fingerprint: str, teacher: dict[str, str],
+             restored: TrainState | None) -> NullTracker:
+    if rank != 0 or not options.tracking_uri:
+        return NullTracker()
+    tags = {"code_version": options.code_version, "ray_job_id": options.ray_job_id, "dataset.fingerprint": fingerprint,
+            "recipe.model": config.model.name, **teacher}
+    spec = TrackingSpec(
+        tracking_uri=options.tracking_uri, experiment=config.tracking.experiment,
+        run_name=config.tracking.run_name or options.name, run_dir=options.run_dir,
+        known_run_id=restored.extra.get("mlflow_run_id") if restored is not None else None,
+        params=safe_config(config), tags={k: v for k, v in tags.items() if v},
+        resumed_at_step=restored.step if restored is not None else None,
+    )
+    return Tracker(spec)
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op without a process group); float64 on the host in and out."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    moved = values.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
