@@ -344,3 +344,30 @@ def test_worker_killed_mid_epoch_resumes_on_the_same_samples(reference: Ran, tmp
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["distillery.resumed_at_step"] == "8"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert steps == set(range(2, STEPS + 1, 2))
+
+
+@dali
+def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teacher_file: str, local_ray: Any) -> None:
+    """A cache built with `teacher-cache build` feeds the distillation head; a cache of another teacher is
+    refused before any worker starts."""
+    from pipeline.storage import Location
+    from teacher_cache.build import CacheBuildConfig, build_cache
+    from teacher_cache.cache import CacheMismatch
+    from teacher_cache.teacher import TeacherSpec
+    from trainer.run import run
+
+    cache = str(tmp_path / "cache")
+    build_cache(CacheBuildConfig(shards=Location(digits), out=Location(cache), topk=4, workers=1,
+                                 teacher=TeacherSpec("resnet10t", teacher_file, 10, 64)))
+    config = apply_overrides(_config(digits, teacher_file), ["distill.source=cache", f"distill.cache_url={cache}",
+                                                             "schedule.epochs=1", "schedule.warmup_epochs=0"])
+    result = run(config, storage_path=str(tmp_path / "storage"), name="cached", max_failures=0,
+                 options=RunOptions(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", loader_threads=2, dali_threads=1))
+    summary = result.return_value
+    assert summary["step"] == 400 // 64 and summary["history"]
+    assert all(h["loss_distill"] > 0 and h["loss"] == h["loss"] for h in summary["history"])
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 for k, v in torch.load(teacher_file, weights_only=True).items()}, other)
+    with pytest.raises(CacheMismatch, match="weights_sha256"):
+        run(apply_overrides(config, [f"distill.teacher.pretrained_path={other}"]), storage_path=str(tmp_path / "s2"),
+            name="refused")

@@ -231,6 +231,7 @@ class DistillConfig:
     tau: float = 3.0  # DeiT sec. 6 (released code default: 1.0; we follow the paper)
     alpha: float = 0.1  # lambda of DeiT eq. 2, sec. 6 (released code default: 0.5; we follow the paper)
     source: TeacherSource = "online"
+    cache_url: str = ""  # with source="cache": the folder `teacher-cache build --out` wrote
 
 
 @dataclass(frozen=True)
@@ -500,6 +501,9 @@ def _distill_problems(c: TrainConfig) -> list[str]:
         out.append(f"distill.kind={d.kind!r}: use one of {', '.join(DISTILL_KINDS)}")
     if d.source not in TEACHER_SOURCES:
         out.append(f"distill.source={d.source!r}: use one of {', '.join(TEACHER_SOURCES)}")
+    if d.kind != "none" and d.source == "cache" and not d.cache_url:
+        out.append("distill.cache_url is empty: with distill.source=cache, point it at a `teacher-cache build` "
+                   "output, or use distill.source=online")
     if not d.tau > 0:
         out.append(f"distill.tau={d.tau}: must be > 0 (DeiT: 3.0)")
     if not 0 <= d.alpha <= 1:

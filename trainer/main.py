@@ -127,10 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"recipe": args.recipe, "config": to_dict(config)}, indent=2))
         return 0
     from pipeline.manifest import DatasetError
+    from teacher_cache.cache import CacheMismatch
 
     try:
         train(config, storage=args.storage, name=args.name, max_failures=args.max_failures, resume=args.resume)
-    except (ConfigError, DatasetError) as exc:  # found before any worker starts
+    except (ConfigError, DatasetError, CacheMismatch) as exc:  # found before any worker starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -109,6 +109,12 @@ def preflight(config: TrainConfig) -> None:
             continue
         if path and "://" not in path and not os.path.exists(path):
             raise DatasetError(f"{field_name}={path}: no such file or folder")
+    if config.distill.kind != "none" and config.distill.source == "cache":
+        from pipeline.stream import ShardSet
+        from trainer.worker import build_teacher
+
+        # opens the cache as the workers will: refuses other data, teacher name, classes or weights now
+        build_teacher(config, "cpu", ShardSet.open(Location(config.data.train_url), "train"))
 
 
 def run_name(config: TrainConfig) -> str:
@@ -123,7 +129,8 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     data = replace(config.data, train_url=_absolute(config.data.train_url), val_url=_absolute(config.data.val_url))
     model = replace(config.model, pretrained_path=_absolute(config.model.pretrained_path))
     teacher = replace(config.distill.teacher, pretrained_path=_absolute(config.distill.teacher.pretrained_path))
-    return replace(config, data=data, model=model, distill=replace(config.distill, teacher=teacher))
+    distill = replace(config.distill, teacher=teacher, cache_url=_absolute(config.distill.cache_url))
+    return replace(config, data=data, model=model, distill=distill)
 
 
 def _absolute(path: Any) -> Any:

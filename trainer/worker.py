@@ -33,10 +33,13 @@ from typing import Any
 
 import torch
 
-from pipeline.batch_aug import BatchAugment, normalize
+from pipeline.batch_aug import BatchAugment, MixParams, normalize
 from pipeline.loader import Batch, EvalLoader, TrainLoader, effective_batch
 from pipeline.storage import Location
 from pipeline.stream import ShardSet
+from teacher_cache.cache import TeacherCache
+from teacher_cache.maps import mixed
+from teacher_cache.teacher import read_state_dict
 from trainer.checkpoint import (
     CheckpointError,
     TrainState,
@@ -48,7 +51,7 @@ from trainer.checkpoint import (
     safe_config,
     save_checkpoint,
 )
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
 from trainer.optim import LRSchedule, build_ema, build_optimizer, build_schedule, clip_gradients, unwrap
 from trainer.overrides import apply_overrides, flatten
@@ -115,7 +118,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     ema: Any | None
-    teacher: torch.nn.Module | None
+    teacher: TeacherFn | None
     augment: BatchAugment
     loader: TrainLoader
     eval_loader: EvalLoader
@@ -202,12 +205,13 @@ class _Timer:
 def train_step(p: Parts, batch: Batch) -> LossTerms:
     """One optimizer step on ``batch``: augment, teacher, student, loss, backward, clip, update, EMA."""
     p.schedule.apply(p.optimizer, p.step)
-    x, targets = p.augment(batch.views, batch.labels, batch.rng)
+    aug = p.augment.apply(batch.views, batch.labels, batch.rng)
+    x, targets = aug.x, aug.targets
     with p.autocast:
         teacher_logits = None
         if p.teacher is not None:
             with torch.no_grad():
-                teacher_logits = p.teacher(x)  # the same mixed batch the student sees (DeiT)
+                teacher_logits = p.teacher(x, batch, aug.mix)
         out = p.model(x)
     terms = distillation_loss(out, targets, teacher_logits, p.loss)
     p.optimizer.zero_grad(set_to_none=True)
@@ -378,7 +382,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
         optimizer.load_state_dict(restored.optimizer)
         if ema is not None and restored.ema is not None:
             ema.module.load_state_dict(restored.ema)
-    teacher, teacher_tags = build_teacher(config, device)
+    teacher, teacher_tags = build_teacher(config, device, train_shards)
     eval_batch = max(1, config.data.batch_size // world)
     eval_loader = EvalLoader(val_shards, config.data, eval_batch, world, rank, data_device, options.dali_threads)
     tracker = _tracker(config, options, rank, train_shards.fingerprint, teacher_tags, restored)
@@ -398,16 +402,50 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     return p
 
 
-def build_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module | None, dict[str, str]]:
-    """The online teacher in eval mode without gradients, and its identity (tags); None without distillation."""
+class TeacherFn:
+    """Distillation targets for a batch: ``(x, batch, mix) -> logits [N, C]``."""
+
+    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OnlineTeacher(TeacherFn):
+    """The teacher run on the same mixed batch the student sees, as DeiT does."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+        return self.model(x)
+
+
+class CachedTeacher(TeacherFn):
+    """Precomputed logit maps pooled over each view's crop box, mixed with the batch's lambda."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+        return mixed(self.cache.logits(batch.rows, batch.boxes, x.device), mix.lam)
+
+
+def build_teacher(config: TrainConfig, device: torch.device,
+                  shards: ShardSet | None = None) -> tuple[TeacherFn | None, dict[str, str]]:
+    """The teacher (online model in eval mode without gradients, or the cache) and its identity (tags);
+    None without distillation."""
     d = config.distill
     if d.kind == "none":
         return None, {}
-    if d.source != "online":
-        raise ConfigError([f"distill.source={d.source!r}: the teacher cache is not available to the trainer yet; "
-                           "use distill.source=online"])
+    identity = {"teacher": f"{d.teacher.name}@{d.teacher.img_size}", "teacher.weights": d.teacher.pretrained_path or "",
+                "teacher.source": d.source}
+    if d.source == "cache":
+        expect = {"name": d.teacher.name, "num_classes": config.model.num_classes}
+        if d.teacher.pretrained_path:
+            expect["weights_sha256"] = read_state_dict(d.teacher.pretrained_path)[1]
+        cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
+        identity.update({"teacher.sha256": cache.info["teacher"]["weights_sha256"], "teacher.cache": d.cache_url})
+        return CachedTeacher(cache), identity
     teacher = d.teacher.build()
-    identity = {"teacher": f"{d.teacher.name}@{d.teacher.img_size}", "teacher.weights": d.teacher.pretrained_path or ""}
     if d.teacher.pretrained_path:
         info = load_pretrained(teacher, d.teacher.pretrained_path)
         identity["teacher.sha256"] = info["sha256"]
@@ -417,7 +455,7 @@ def build_teacher(config: TrainConfig, device: torch.device) -> tuple[torch.nn.M
     if config.runtime.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    return teacher, identity
+    return OnlineTeacher(teacher), identity
 
 
 def _restore(options: RunOptions, fingerprint: str) -> TrainState | None:
