@@ -95,7 +95,7 @@ class CacheWorker:
         logging.basicConfig(level=logging.INFO)
         self.cfg = cfg
         self.shards = ShardSet.open(cfg.shards, cfg.split)
-        self.teacher = Teacher(cfg.teacher, device, cfg.shards.storage_options)
+        self.teacher = Teacher(cfg.teacher, device)
 
     def identity(self) -> dict[str, Any]:
         return self.teacher.identity

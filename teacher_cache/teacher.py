@@ -9,13 +9,10 @@ cheap, crop-aware estimate of what the teacher would say about that view: what t
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 
@@ -25,7 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TeacherSpec:
     name: str  # any timm model name
-    weights: str | None  # local path or fsspec URL of a timm / official DeiT checkpoint; None: random init
+    weights: str | None  # a timm / official DeiT checkpoint file (path or URL) or a distillery run folder
     num_classes: int = 1000
     resolution: int = 224
 
@@ -34,43 +31,21 @@ class TeacherError(ValueError):
     """The teacher cannot be built or cannot serve the requested mode; the message says what to do."""
 
 
-def read_state_dict(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """A checkpoint's state dict and the sha256 of the file. Accepts timm/official DeiT layouts
-    (``{"model": ...}``, ``{"state_dict": ...}``, plain), ``.safetensors``; loads tensors only."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-        data = handle.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if url.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(data)
-    else:
-        try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - name the file and the fix
-            raise TeacherError(f"{url}: not a tensor-only checkpoint ({type(exc).__name__}: {exc}); "
-                               f"save it with torch.save(model.state_dict()) or as .safetensors") from None
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state, digest
-
-
 class Teacher:
-    def __init__(self, spec: TeacherSpec, device: str = "cpu", storage_options: dict[str, Any] | None = None):
+    def __init__(self, spec: TeacherSpec, device: str = "cpu"):
         import timm
 
         self.spec, self.device = spec, torch.device(device)
         self.model: nn.Module = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes)
         self.weights_sha256 = "random-init"
         if spec.weights:
-            state, self.weights_sha256 = read_state_dict(spec.weights, storage_options)
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            if missing or unexpected:
+            from trainer.checkpoint import load_pretrained  # timm/DeiT files and our checkpoint folders
+
+            info = load_pretrained(self.model, spec.weights)
+            if info["missing"]:
                 raise TeacherError(f"{spec.weights} does not fit {spec.name} with {spec.num_classes} classes: "
-                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+                                   f"missing {info['missing'][:3]}")
+            self.weights_sha256 = info["sha256"]
         else:
             log.warning("teacher %s has random weights (no weights file given)", spec.name)
         self.model.eval().requires_grad_(False).to(self.device)

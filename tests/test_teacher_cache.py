@@ -22,6 +22,16 @@ from teacher_cache.teacher import Teacher, TeacherError, TeacherSpec
 pytestmark = [pytest.mark.dali, pytest.mark.slow]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_ray():
+    """build_cache starts a local Ray in this process; later modules start their own, so stop it here."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def test_encode_with_all_classes_is_lossless_and_pooling_is_an_overlap_mean() -> None:
     maps = torch.randn(2, 12, 3, 3)
     enc = encode(maps, 12)

@@ -388,6 +388,16 @@ def _read_bytes(path: str) -> bytes:
     return Path(path.removeprefix("file://")).read_bytes()
 
 
+def weights_digest(path: str) -> str:
+    """The sha256 that `load_pretrained` reports for ``path``, without loading it (a teacher's identity)."""
+    if Path(path).is_dir() or (Path(path) / CHECKSUM_FILE).exists():
+        chosen = latest_checkpoint(path)
+        if chosen is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint")
+        return json.loads((chosen / CHECKSUM_FILE).read_text())["files"][STATE_FILE]
+    return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
 def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False) -> dict[str, Any]:
     """Load weights from ``path`` into ``model`` (in place) for fine-tuning or as a teacher.
 

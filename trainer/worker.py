@@ -39,7 +39,6 @@ from pipeline.storage import Location
 from pipeline.stream import ShardSet
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
-from teacher_cache.teacher import read_state_dict
 from trainer.checkpoint import (
     CheckpointError,
     TrainState,
@@ -50,6 +49,7 @@ from trainer.checkpoint import (
     restore_rng,
     safe_config,
     save_checkpoint,
+    weights_digest,
 )
 from trainer.config import TrainConfig
 from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
@@ -441,7 +441,7 @@ def build_teacher(config: TrainConfig, device: torch.device,
     if d.source == "cache":
         expect = {"name": d.teacher.name, "num_classes": config.model.num_classes}
         if d.teacher.pretrained_path:
-            expect["weights_sha256"] = read_state_dict(d.teacher.pretrained_path)[1]
+            expect["weights_sha256"] = weights_digest(d.teacher.pretrained_path)
         cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
         identity.update({"teacher.sha256": cache.info["teacher"]["weights_sha256"], "teacher.cache": d.cache_url})
         return CachedTeacher(cache), identity
