@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: set up .venv if needed, then run the main job on the embedded default.
-# Today that is the data stage: a real labelled image set (scikit-learn's digits) as an ImageNet-style
-# tree -> WebDataset shards + manifest -> inspect. Later stages (teacher cache, training) extend it.
+# The README's main command: set up .venv if needed, then run the main job on the embedded default
+# (python -m infra.demo): digits -> shards -> teacher -> teacher cache -> plain and distilled DeiT students
+# through Ray Train (2 workers; CPU when there is no GPU) -> MLflow. Arguments go to infra.demo
+# (e.g. --quick, --out DIR, --shards-url s3://bucket/prefix).
 source "$(dirname "$0")/bootstrap.sh"
-out=${DEMO_DIR:-demo-data}
-rm -rf "$out/images"
-pipeline demo-tree --dst "$out/images"
-for split in train val; do
-  pipeline build-shards --src "$out/images" --split "$split" --dst "$out/shards" --shard-size 1MB
-  pipeline inspect "$out/shards" --split "$split"
-done
-echo "shards, manifests and reports are in $out/shards"
+exec .venv/bin/python -m infra.demo "$@"
