@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import fsspec
+
+from pipeline.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -431,18 +434,7 @@ def write_state(state_dir: str | os.PathLike[str], services: Iterable[ServiceRec
     path = state_path(state_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"version": 1, "services": [s.to_json() for s in services]}
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_json(fsspec.filesystem("file"), str(path), payload)  # temp file, fsync, os.replace
     return path
 
 
