@@ -28,6 +28,15 @@ def _train(recipe: str, overrides: list[str], storage: Path, name: str) -> dict:
     return result.return_value
 
 
+def _device_overrides() -> list[str]:
+    """The demo recipes train on 2 CPU workers; with GPUs, the same command uses them (one worker each)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return ["scaling.use_gpu=true", f"scaling.num_workers={min(2, torch.cuda.device_count())}"]
+
+
 def _top1(summary: dict, head: str = "top1") -> float:
     evals = summary.get("eval") or {}
     for key in (f"eval/{head}", head, "eval/top1_cls"):
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         build_shards(BuildConfig(src=str(out / "images"), dst=Location(shards), split=split, shard_bytes=1_000_000))
     log.info("step 2/5: shards in %s", shards)
     common = [f"data.train_url={shards}", f"data.val_url={shards}", f"tracking.tracking_uri={tracking}",
-              "tracking.experiment=distillery-demo"]
+              "tracking.experiment=distillery-demo", *_device_overrides()]
     runs = out / "runs"
     teacher = _train("demo_teacher", [*common, f"schedule.epochs={epochs['teacher']}", "tracking.run_name=teacher"],
                      runs, "teacher")
