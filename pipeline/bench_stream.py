@@ -22,7 +22,7 @@ import torch
 
 from pipeline.batch_aug import BatchAugment
 from pipeline.build import BuildConfig, build_shards
-from pipeline.config import AugmentConfig, DataConfig, MixConfig, StreamConfig
+from pipeline.config import AugmentConfig, DataConfig, StreamConfig
 from pipeline.loader import TrainLoader
 from pipeline.storage import Location
 from pipeline.stream import ShardSet

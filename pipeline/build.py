@@ -182,8 +182,8 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
     dfs.invalidate_cache(droot)
     for stale in dfs.glob(f"{droot}/.tmp-*-{cfg.split}-*.tar"):  # left by writers killed mid-shard
         dfs.rm(stale)
-    existing = set(dfs.ls(droot, detail=False)) if dfs.exists(droot) else set()
-    sizes = {p.rsplit("/", 1)[-1]: dfs.size(p) for p in existing if p.endswith(".tar")}
+    listing = dfs.ls(droot, detail=True) if dfs.exists(droot) else []  # one listing, no request per shard
+    sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in listing if e["name"].endswith(".tar")}
     for index in range(len(plan.shards)):
         path = f"{root}/{part_name(cfg.split, index)}"
         if not fs.exists(path):
