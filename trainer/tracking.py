@@ -1,8 +1,10 @@
 """MLflow tracking from rank 0, asynchronous: a slow or dead server never holds up a training step.
 
 Every call of :class:`Tracker` (``log_metrics``, ``log_model``) puts a message on a bounded queue and
-returns; one background thread talks to MLflow. If the server cannot be reached, the thread warns once and
-drops what follows, and training goes on. ``close`` waits a bounded time for the queue to drain.
+returns; one background thread talks to MLflow. If the server cannot be reached (down at the start, or
+stopped in the middle of a run), the thread warns, holds what is logged and tries again with backoff;
+when the server returns the held metrics are sent with their original steps and times. ``close`` makes
+one last try and waits a bounded time; what still could not be sent is reported, never raised.
 
 One MLflow run per training, continued across restarts: the run id is written to ``tracking.json`` in the
 run's storage folder (and kept in each checkpoint's metadata). A restarted worker group, or ``run()``
@@ -24,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,20 +80,36 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Rank 0's MLflow logger; all MLflow calls happen on one background (daemon) thread."""
+    """Rank 0's MLflow logger; all MLflow calls happen on one background (daemon) thread.
 
-    def __init__(self, spec: TrackingSpec, request_timeout: float = 10.0, max_retries: int = 2) -> None:
+    While the server cannot be reached, what is logged is held (metrics up to ``max_held`` values, oldest
+    dropped and counted beyond that; the final model) and sent again every ``retry_s`` .. ``retry_max_s``
+    seconds, so an outage in the middle of a run loses nothing: metrics arrive when the server returns, or
+    at ``close`` (one last try). One warning per outage, one line when it ends.
+    """
+
+    def __init__(self, spec: TrackingSpec, request_timeout: float = 10.0, max_retries: int = 2,
+                 retry_s: float = 2.0, retry_max_s: float = 60.0, max_held: int = 1_000_000) -> None:
         self.spec = spec
         self.run_id = None
-        self.failed = False
-        self.dropped = 0
+        self.failed = False  # something could not be delivered (at close: was lost)
+        self.dropped = 0  # metric values dropped: queue full or held beyond max_held
+        self.outages = 0
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(_MAX_QUEUE)
+        self._retry_s, self._retry_max_s, self._max_held = retry_s, retry_max_s, max_held
+        self._held: deque[Any] = deque()  # Metric entities not yet sent, oldest first
+        self._model: Any = None  # the final model, until sent
+        self._client: Any = None
+        self._created: str | None = None  # the run this tracker created (its params go once)
+        self._params_sent = False
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._delay = retry_s
         # Bounded HTTP behaviour for this process's MLflow client (MLflow's defaults: 7 retries, 120 s).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(request_timeout)))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
-        self._put(("start", None))
         self._thread.start()
 
     # ------------------------------------------------------------------ the training side: never blocks
@@ -99,7 +118,7 @@ class Tracker(NullTracker):
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.dropped += 1
+            self.dropped += len(item[1][0]) if item[0] == "metrics" else 1
             if self.dropped == 1:
                 log.warning("MLflow is not keeping up: the tracking queue is full, dropping metrics")
 
@@ -113,7 +132,8 @@ class Tracker(NullTracker):
         self._put(("model", model))
 
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
-        """Mark the run ``status`` once the queue is drained; wait at most ``timeout`` s. True if all went."""
+        """Send what is held (one last try), mark the run ``status``; wait at most ``timeout`` s.
+        True if everything logged reached the server."""
         deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):  # a full queue: the join below times out, the rest is dropped
             self._queue.put(("end", status), timeout=timeout)
@@ -126,76 +146,121 @@ class Tracker(NullTracker):
     # ------------------------------------------------------------------ the background thread
 
     def _loop(self) -> None:
-        client = None
-        held: tuple[str, Any] | None = None  # a message taken out while coalescing metrics
+        from mlflow.entities import Metric
+
         while True:
-            kind, payload = held if held is not None else self._queue.get()
-            held = None
+            wait = None if self._settled() else max(0.0, self._next_try - time.monotonic())
+            try:
+                kind, payload = self._queue.get(timeout=wait)
+            except queue.Empty:
+                kind, payload = "retry", None
+            while kind == "metrics":  # take what is waiting too: one request for many steps
+                values, step, stamp = payload
+                self._hold([Metric(k, float(v), stamp, step) for k, v in values.items()])
+                try:
+                    kind, payload = self._queue.get_nowait()
+                except queue.Empty:
+                    kind, payload = "retry", None
+            if kind == "model":
+                self._model = payload
             if kind == "end":
-                if client is not None and not self.failed:
-                    self._safely(lambda c=client, s=payload: c.set_terminated(self.run_id, status=s), "end the run")
+                self._flush(force=True)
+                if self.run_id is not None and self._settled():
+                    self._attempt(lambda s=payload: self._client.set_terminated(self.run_id, status=s),
+                                  "end the run")
+                lost = len(self._held) + (self._model is not None)
+                if lost:
+                    log.warning("MLflow at %s unreachable at the end of training: %d metric values%s not "
+                                "logged", self.spec.tracking_uri, len(self._held),
+                                " and the model" if self._model is not None else "")
+                self.failed = self.failed or bool(lost) or self.run_id is None
                 return
-            if self.failed:
-                continue  # the server is gone: drop, keep draining so close() returns
-            if kind == "start":
-                client = self._safely(self._start, "start the run")
-            elif kind == "metrics":
-                batch = [payload]
-                while len(batch) * 16 < _BATCH:  # coalesce what is waiting into one request
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt[0] != "metrics":
-                        held = nxt
-                        break
-                    batch.append(nxt[1])
-                self._safely(lambda c=client, b=batch: self._send_metrics(c, b), "log metrics")
-            elif kind == "model":
-                self._safely(lambda m=payload: self._send_model(m), "log the model")
+            self._flush()
 
-    def _safely(self, fn: Any, what: str) -> Any:
+    def _settled(self) -> bool:
+        """Nothing waits to be sent (the run exists, no metrics or model held)."""
+        return self.run_id is not None and not self._held and self._model is None
+
+    def _hold(self, metrics: list[Any]) -> None:
+        self._held.extend(metrics)
+        over = len(self._held) - self._max_held
+        if over > 0:
+            for _ in range(over):
+                self._held.popleft()
+            if self.dropped == 0:
+                log.warning("MLflow has been unreachable too long: dropping the oldest held metrics")
+            self.dropped += over
+
+    def _flush(self, force: bool = False) -> None:
+        """Send what is held, in order: the run, metrics, the model. Stops at the first failure."""
+        if self._settled() or (not force and time.monotonic() < self._next_try):
+            return
+        if self.run_id is None and not self._attempt(self._start, "start the run"):
+            return
+        while self._held:
+            batch = [self._held[i] for i in range(min(_BATCH, len(self._held)))]
+            if not self._attempt(lambda b=batch: self._client.log_batch(self.run_id, metrics=b), "log metrics"):
+                return
+            for _ in batch:
+                self._held.popleft()
+        if self._model is not None and self._attempt(lambda m=self._model: self._send_model(m), "log the model"):
+            self._model = None
+
+    def _attempt(self, fn: Any, what: str) -> bool:
+        """Run one MLflow call; a failure starts (or continues) an outage and schedules the next try."""
         try:
-            return fn()
+            fn()
         except Exception as exc:  # any failure of the tracking server must not reach training
-            self.failed = True
-            log.warning("MLflow at %s: could not %s (%s: %s); tracking is off for the rest of this run, "
-                        "training goes on", self.spec.tracking_uri, what, type(exc).__name__, str(exc)[:300])
-            return None
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
+                self.outages += 1
+                log.warning("MLflow at %s: could not %s (%s: %s); holding metrics and trying again, training "
+                            "goes on", self.spec.tracking_uri, what, type(exc).__name__, str(exc)[:300])
+            self._next_try = now + self._delay
+            self._delay = min(self._delay * 2, self._retry_max_s)
+            return False
+        if self._down_since is not None:
+            log.warning("MLflow at %s is back after %.0f s; sending %d held metric values",
+                        self.spec.tracking_uri, time.monotonic() - self._down_since, len(self._held))
+            self._down_since = None
+        self._delay = self._retry_s
+        return True
 
-    def _start(self) -> Any:
+    def _start(self) -> None:
+        """Find the run to continue or create it, then log the params (once per created run)."""
         from mlflow import MlflowClient
+        from mlflow.entities import Param
 
         spec = self.spec
         client = MlflowClient(tracking_uri=spec.tracking_uri)
-        run_id = self._existing_run_id(client)
-        if run_id is not None:
+        run_id = self._created or self._existing_run_id(client)
+        if run_id is None:
+            experiment = client.get_experiment_by_name(spec.experiment)
+            if experiment is not None:
+                experiment_id = experiment.experiment_id
+            else:
+                artifacts = None
+                if spec.tracking_uri.startswith("sqlite:") and spec.run_dir and "://" not in spec.run_dir:
+                    artifacts = "file://" + os.path.abspath(os.path.join(spec.run_dir, "mlartifacts"))
+                experiment_id = client.create_experiment(spec.experiment, artifact_location=artifacts)
+            run_id = self._created = client.create_run(experiment_id, run_name=spec.run_name,
+                                                       tags=dict(spec.tags)).info.run_id
+            self._write_run_file({"run_id": run_id, "experiment_id": experiment_id,
+                                  "tracking_uri": spec.tracking_uri})
+            log.info("MLflow: run %s in experiment %r at %s", run_id, spec.experiment, spec.tracking_uri)
+        elif not self._created:
             client.update_run(run_id, status="RUNNING")
             if spec.resumed_at_step is not None:
                 client.set_tag(run_id, "distillery.resumed_at_step", str(spec.resumed_at_step))
             log.info("MLflow: continuing run %s", run_id)
-            self.run_id = run_id
-            return client
-        experiment = client.get_experiment_by_name(spec.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            artifacts = None
-            if spec.tracking_uri.startswith("sqlite:") and spec.run_dir and "://" not in spec.run_dir:
-                artifacts = "file://" + os.path.abspath(os.path.join(spec.run_dir, "mlartifacts"))
-            experiment_id = client.create_experiment(spec.experiment, artifact_location=artifacts)
-        run = client.create_run(experiment_id, run_name=spec.run_name, tags=dict(spec.tags))
-        self.run_id = run.info.run_id
-        self._write_run_file({"run_id": self.run_id, "experiment_id": experiment_id,
-                              "tracking_uri": spec.tracking_uri})
-        from mlflow.entities import Param
-
-        items = [Param(k, v[:6000]) for k, v in spec.params.items()]
-        for i in range(0, len(items), _PARAM_BATCH):
-            client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
-        client.log_text(self.run_id, json.dumps(spec.params, indent=1), "config.json")
-        log.info("MLflow: run %s in experiment %r at %s", self.run_id, spec.experiment, spec.tracking_uri)
-        return client
+        if self._created and not self._params_sent:
+            items = [Param(k, v[:6000]) for k, v in spec.params.items()]
+            for i in range(0, len(items), _PARAM_BATCH):
+                client.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
+            client.log_text(run_id, json.dumps(spec.params, indent=1), "config.json")
+            self._params_sent = True
+        self._client, self.run_id = client, run_id
 
     def _existing_run_id(self, client: Any) -> str | None:
         """The run to continue: the one named in the run folder's RUN_FILE, else the checkpoint's."""
@@ -231,13 +296,6 @@ class Tracker(NullTracker):
 
         fs, path = Location(self.spec.run_dir).fs_and_path()
         write_json(fs, f"{path}/{RUN_FILE}", value)
-
-    def _send_metrics(self, client: Any, batch: list[tuple[dict[str, float], int, int]]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(k, float(v), stamp, step) for values, step, stamp in batch for k, v in values.items()]
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH])
 
     def _send_model(self, model: Any) -> None:
         import mlflow
