@@ -120,3 +120,51 @@ def test_build_into_s3(digits, object_store, s3_url: str) -> None:
     cache = TeacherCache(out, shards)
     assert cache.logits(np.array([0, 5, 9]), torch.tensor([[0.1, 0.1, 0.9, 0.9]] * 3)).shape == (3, 10)
     assert info["bytes_per_image"] == 2 * 2 * (3 * 2 + 3 * 2 + 2)
+
+
+def test_build_killed_mid_way_then_rerun_gives_identical_output(digits, tmp_path: Path) -> None:
+    """`teacher-cache build` SIGKILLed (with its Ray) after its first part file: the re-run keeps the parts
+    already written and ends with the same bytes as an uninterrupted build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shards0, weights = digits
+    src = Path(shards0.location.url).parent / "digits"
+    shards = Location(str(tmp_path / "shards"))
+    build_shards(BuildConfig(src=str(src), dst=shards, shard_bytes=60_000, workers=1))
+    assert len(ShardSet.open(shards, "train").shard_names) >= 8
+    reference = build_cache(CacheBuildConfig(shards=shards, out=Location(str(tmp_path / "ref")), topk=4, workers=1,
+                                             teacher=TeacherSpec("resnet10t", weights, 10, 32)))
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "teacher_cache.cli", "build", "--teacher", "resnet10t", "--weights", weights,
+            "--num-classes", "10", "--shards", shards.url, "--out", str(out), "--resolution", "32", "--topk", "4",
+            "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTILLERY_RAY_GCS_ADDRESS")}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("train-*.parquet")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no part file appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    written = sorted(p.name for p in out.glob("train-*.parquet"))
+    assert not (out / "cache.json").exists() and written, "the kill came too late to test anything"
+    kept = {name: (out / name).stat().st_mtime_ns for name in written}
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == kept, "finished parts were redone"
+    ref_files = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files, "leftover temp files or missing parts"
+    for name in ref_files:
+        if name != "cache.json":
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    import json
+
+    info = json.loads((out / "cache.json").read_text())
+    assert {k: v for k, v in info.items() if k != "out"} == {k: v for k, v in reference.items() if k != "out"} | {
+        "format": info["format"], "version": info["version"]}
