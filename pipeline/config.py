@@ -72,14 +72,21 @@ class StreamConfig:
     shuffle_buffer: int = 5000  # sample-level shuffle buffer per loader worker
     seed: int = 0
     shard_cache_dir: str | None = None  # optional local folder that keeps fetched shards
-    read_block_bytes: int = 32 * 1024 * 1024  # read-ahead block for object stores
-    max_read_retries: int = 5
+    # Object-store reads are cut into requests of this many bytes; a failed request is retried from the
+    # first chunk not yet received, so a dropped connection never re-reads what already arrived.
+    read_chunk_bytes: int = 8 * 1024 * 1024
+    max_read_retries: int = 5  # per chunk, with exponential backoff
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"stream.repeats={self.repeats}: must be >= 1 (1 turns repetition off)")
         if self.shuffle_buffer < 1:
             raise ValueError(f"stream.shuffle_buffer={self.shuffle_buffer}: must be >= 1")
+        if self.read_chunk_bytes < 1:
+            raise ValueError(f"stream.read_chunk_bytes={self.read_chunk_bytes}: must be >= 1, e.g. 8 MiB "
+                             f"({8 * 1024 * 1024}); smaller chunks lose less on a dropped connection")
+        if self.max_read_retries < 0:
+            raise ValueError(f"stream.max_read_retries={self.max_read_retries}: must be >= 0 (0: no retries)")
 
 
 @dataclass(frozen=True)

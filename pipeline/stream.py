@@ -1,20 +1,24 @@
 """Shards on any fsspec URL -> a per-rank stream of encoded samples, in the order of `pipeline.order`.
 
 Each window of the order is fetched by a pool of threads as one ranged read per shard piece (sequential
-bytes of a tar: one GET on an object store), optionally through a local shard cache. Samples are sliced
-out of those bytes at the manifest's offsets, after checking the tar header names the expected member.
+bytes of a tar, requested in chunks of ``read_chunk_bytes``: a failed request is retried with backoff from
+the chunk where it broke), optionally through a local shard cache. Samples are sliced out of those bytes
+at the manifest's offsets, after checking the tar header names the expected member.
 
 Nothing here decides order, so the number of threads never changes what comes out. A sample that cannot
 be used (corrupt bytes, unreadable shard after retries) is skipped and counted, and its place is taken
 by another sample of the same window (or of the last good window), so that every rank still yields
-exactly its planned count and DDP never waits on a rank that ran short.
+exactly its planned count and DDP never waits on a rank that ran short. When most shards read so far are
+unreadable (the store is down, wrong endpoint or credentials), the stream stops with a `StreamError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import random
 import tarfile
 import threading
 import time
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _BLOCK = tarfile.BLOCKSIZE
+_BORROW_WINDOWS = 4  # windows read ahead for donors when a rank's first window is unreadable
 
 
 class StreamError(RuntimeError):
@@ -118,7 +123,14 @@ class StreamMetrics:
 
 
 class ShardReader:
-    """Byte ranges of shards, retried with backoff, optionally kept whole in a local cache folder."""
+    """Byte ranges of shards, read in chunks of ``read_chunk_bytes`` with retries and backoff, optionally
+    kept whole in a local cache folder.
+
+    A failed request (throttling, 5xx, a connection dropped mid-body) is retried from the first byte not
+    yet received: chunks already in hand are never fetched again, so a flaky link costs at most one
+    chunk per failure. Each chunk has its own ``max_read_retries``, so a long read that keeps making
+    progress is not given up on; a chunk that fails that many times makes the whole read fail.
+    """
 
     def __init__(self, shards: ShardSet, cfg: StreamConfig, metrics: StreamMetrics):
         self.shards, self.cfg, self.metrics = shards, cfg, metrics
@@ -133,24 +145,39 @@ class ShardReader:
             with open(path, "rb") as handle:
                 handle.seek(start)
                 return handle.read(stop - start)
-        return self._retry(lambda: self.fs.cat_file(f"{self.root}/{name}", start=start, end=stop), name)
+        return b"".join(self.chunks(f"{self.root}/{name}", start, stop))
 
-    def _retry(self, fn, what: str) -> bytes:
+    def chunks(self, path: str, start: int, stop: int) -> Iterator[bytes]:
+        """The bytes ``[start, stop)`` of ``path``, one retried request per chunk."""
+        position = start
+        while position < stop:
+            end = min(position + self.cfg.read_chunk_bytes, stop)
+            data = self._retry(f"{path} bytes {position}-{end}", self._get, path, position, end)
+            self.metrics.bytes_read += len(data)
+            position += len(data)  # a short answer is not an error: the next request starts where it ended
+            yield data
+
+    def _get(self, path: str, start: int, end: int) -> bytes:
+        data = self.fs.cat_file(path, start=start, end=end)
+        if not data:
+            raise EOFError(f"{path} ends before byte {start}, but the manifest needs bytes up to {end}")
+        return data
+
+    def _retry(self, what: str, fn, *args):
         delay = 0.05
         for attempt in range(self.cfg.max_read_retries + 1):
             try:
-                data = fn()
-                self.metrics.bytes_read += len(data)
-                return data
+                return fn(*args)
             except FileNotFoundError:
                 raise
             except Exception as exc:  # noqa: BLE001 - object stores raise many kinds of transient errors
                 if attempt == self.cfg.max_read_retries:
                     raise
                 self.metrics.read_retries += 1
-                log.warning("reading %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__,
-                            exc, attempt + 1, self.cfg.max_read_retries, delay)
-                time.sleep(delay)
+                pause = delay * random.uniform(0.5, 1.0)  # jitter: ranks throttled together retry apart
+                log.warning("reading %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc,
+                            attempt + 1, self.cfg.max_read_retries, pause)
+                time.sleep(pause)
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
@@ -162,11 +189,17 @@ class ShardReader:
         with lock:
             if not os.path.exists(path):
                 os.makedirs(cache, exist_ok=True)
-                data = self._retry(lambda: self.fs.cat_file(f"{self.root}/{name}"), name)
                 tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as handle:
+                        remote = f"{self.root}/{name}"
+                        size = self._retry(f"the size of {remote}", self.fs.size, remote)
+                        for data in self.chunks(remote, 0, size):
+                            handle.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
         return path
 
 
@@ -179,6 +212,13 @@ class PieceReader:
         self.shards, self.cfg, self.metrics, self.verify_hashes = shards, cfg, metrics, verify_hashes
         self.reader = ShardReader(shards, cfg, metrics)
         self._hashes: list[str] | None = None
+        self._failing: dict[int, bool] = {}  # shard -> whether its latest read failed after retries
+        self._health_lock = threading.Lock()
+
+    def shard_health(self) -> tuple[int, int]:
+        """(shards whose latest read failed, shards read so far): a shard that reads again recovers."""
+        with self._health_lock:
+            return sum(self._failing.values()), len(self._failing)
 
     def read(self, shard: int, start: int, stop: int) -> dict[int, Sample]:
         s = self.shards
@@ -190,11 +230,15 @@ class PieceReader:
         try:
             blob = self.reader.read(shard, lo, hi)
         except Exception as exc:  # noqa: BLE001 - skipped and counted; the run goes on
+            with self._health_lock:
+                self._failing[shard] = True
             self.metrics.unreadable_pieces += 1
             self.metrics.reasons[f"unreadable shard: {type(exc).__name__}"] += stop - start
             log.error("skipping %d samples of %s: unreadable after %d retries (%s: %s)", stop - start, name,
                       self.cfg.max_read_retries, type(exc).__name__, exc)
             return {}
+        with self._health_lock:
+            self._failing[shard] = False
         out = {}
         for row in range(first, last + 1):
             sample = self._slice(blob, lo, row, name)
@@ -299,13 +343,29 @@ class SampleStream:
 
     def _fetch(self, window: Window) -> tuple[Window, list[Sample]]:
         rows = window_samples(window, self.shards.shard_starts)
-        found: dict[int, Sample] = {}
-        for piece in window.pieces:
-            found.update(self.pieces.read(piece.shard, piece.start, piece.stop))
+        found = self._read(window)
         samples = [found.get(int(r)) for r in rows]
         self.metrics.windows += 1
         self.metrics.fetched += len(rows)
         return window, self._fill(samples, window)
+
+    def _read(self, window: Window) -> dict[int, Sample]:
+        found: dict[int, Sample] = {}
+        for piece in window.pieces:
+            found.update(self.pieces.read(piece.shard, piece.start, piece.stop))
+        self._check_shards()
+        return found
+
+    def _check_shards(self) -> None:
+        """Abort when most shards read so far fail: one bad shard is skipped, a store that is down is not."""
+        failing, tried = self.pieces.shard_health()
+        if failing and failing > self.max_failed_fraction * max(tried, min(4, len(self.shards.counts))):
+            url = self.shards.location.url
+            raise StreamError(
+                f"{failing} of the {tried} shards of {url} read so far are unreadable after "
+                f"{self.cfg.max_read_retries} retries per request ({dict(self.metrics.reasons)}): check that the "
+                f"object store answers at the configured endpoint, that the credentials may read the bucket "
+                f"and that the shards are there (`pipeline inspect {url}`)")
 
     def _fill(self, samples: list[Sample | None], window: Window) -> list[Sample]:
         """Replace missing samples so the window keeps its length (equal steps on every rank)."""
@@ -318,14 +378,12 @@ class SampleStream:
         if not good:
             self.metrics.failed_windows += 1
             if self.metrics.failed_windows > self.max_failed_fraction * max(self.metrics.windows, 4):
+                url = self.shards.location.url
                 raise StreamError(
-                    f"{self.metrics.failed_windows} of {self.metrics.windows} windows of "
-                    f"{self.shards.location.url} were unreadable: the store is down or the shards are "
-                    f"missing; check it with `pipeline inspect` ({dict(self.metrics.reasons)})")
-            if not self._last_good:
-                raise StreamError(f"the first window of rank {self.rank} is unreadable "
-                                  f"({dict(self.metrics.reasons)}); check the shards with `pipeline inspect`")
-            donors = self._last_good
+                    f"{self.metrics.failed_windows} of {self.metrics.windows} windows of {url} had no usable "
+                    f"sample: the store is down or the shards are missing or corrupt; check them with "
+                    f"`pipeline inspect {url}` ({dict(self.metrics.reasons)})")
+            donors = self._last_good or self._borrow(window)
         else:
             donors = good
             self._last_good = good
@@ -336,3 +394,15 @@ class SampleStream:
             filled.append(x)
         return filled
 
+    def _borrow(self, window: Window) -> list[Sample]:
+        """Donors for a wholly unreadable window that has no earlier good one (the first window of a rank):
+        the good samples of the next windows of this rank's stream."""
+        upcoming = self._windows(window.pass_index, window.index + 1)
+        for _ in range(_BORROW_WINDOWS):
+            found = self._read(next(upcoming))
+            if found:
+                return list(found.values())
+        url = self.shards.location.url
+        raise StreamError(f"rank {self.rank}: the first {_BORROW_WINDOWS + 1} windows of {url} have no usable "
+                          f"sample ({dict(self.metrics.reasons)}); check the store and the shards with "
+                          f"`pipeline inspect {url}`")
