@@ -53,6 +53,11 @@ class Location:
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.url.lower().startswith("pipe:"):  # webdataset's shell-command URLs: never run a command
+            raise ValueError(f"{self.url.split(' ', 1)[0]}... is a shell command (pipe:), not a storage URL: give a "
+                             "folder, file://, s3:// or gs:// URL; distillery reads storage through fsspec only")
+
     def __repr__(self) -> str:  # never print credentials
         return f"Location({self.url!r}, storage_options={redact(self.storage_options)!r})"
 
