@@ -192,3 +192,41 @@ def test_pretrained_from_our_checkpoint_folder(tmp_path: Path) -> None:
     assert torch.equal(fresh[0].weight, model[0].weight)
     with pytest.raises(CheckpointError, match="weights missing"):
         load_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), str(tmp_path))
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    from trainer.checkpoint import CorruptCheckpoint, checkpoints_newest_first, load_newest_intact
+
+    for step in (2, 4, 6):
+        save_checkpoint(_state(step=step), tmp_path)
+    (tmp_path / ".tmp-unfinished").mkdir()  # an interrupted write is not a candidate
+    found = checkpoints_newest_first(str(tmp_path))
+    assert [Path(p).name for p in found] == ["step-00000006", "step-00000004", "step-00000002"]
+    data = bytearray((tmp_path / "step-00000006" / STATE_FILE).read_bytes())
+    data[-100] ^= 0x01  # one flipped bit in the newest
+    (tmp_path / "step-00000006" / STATE_FILE).write_bytes(bytes(data))
+    (tmp_path / "step-00000004" / META_FILE).unlink()  # the one before lost a file
+    assert load_newest_intact(found).step == 2
+    with pytest.raises(CheckpointError, match="trained on the dataset with fingerprint"):  # not skipped over
+        load_newest_intact(found, expect_fingerprint="cd" * 32)
+    (tmp_path / "step-00000002" / STATE_FILE).unlink()
+    with pytest.raises(CorruptCheckpoint, match="no intact checkpoint.*step-00000006 is corrupt"):
+        load_newest_intact(found)
+    assert checkpoints_newest_first(str(tmp_path / "nothing-here")) == []
+
+
+@pytest.mark.s3
+def test_checkpoints_on_object_storage_are_listed_newest_first(tmp_path: Path, object_store, s3_url: str,
+                                                              s3_env) -> None:
+    import fsspec
+
+    from trainer.checkpoint import checkpoints_newest_first, load_newest_intact
+
+    fs = fsspec.filesystem("s3", **object_store.storage_options())
+    for step in (3, 5):
+        path = save_checkpoint(_state(step=step), tmp_path)
+        fs.put(str(path), f"{s3_url.removeprefix('s3://')}/{path.name}", recursive=True)
+    found = checkpoints_newest_first(s3_url)
+    assert found == [f"{s3_url}/step-00000005", f"{s3_url}/step-00000003"]
+    fs.rm(f"{s3_url.removeprefix('s3://')}/step-00000005/{STATE_FILE}")
+    assert load_newest_intact(found).step == 3

@@ -78,6 +78,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which, why, and what to do."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing or differ from its checksums: an earlier one may be used."""
+
+
 @dataclass
 class TrainState:
     """Everything a run needs to continue exactly where a checkpoint was taken."""
@@ -243,7 +247,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     sums_path = path / CHECKSUM_FILE
     if not sums_path.is_file():
-        raise CheckpointError(
+        raise CorruptCheckpoint(
             f"{path} is not a complete checkpoint (no {CHECKSUM_FILE}: it was not finished writing, or is "
             "not a distillery checkpoint); resume from an earlier one (trainer.checkpoint.latest_checkpoint)"
         )
@@ -253,10 +257,10 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     for name, expected in sums["files"].items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path} is incomplete: {name} is missing; resume from an earlier checkpoint")
+            raise CorruptCheckpoint(f"{path} is incomplete: {name} is missing; resume from an earlier checkpoint")
         actual = _sha256_file(file)
         if actual != expected:
-            raise CheckpointError(
+            raise CorruptCheckpoint(
                 f"{path} is corrupt: {name} has sha256 {actual[:16]}..., its checksum file says "
                 f"{expected[:16]}...; resume from an earlier checkpoint"
             )
@@ -327,6 +331,41 @@ def latest_checkpoint(parent: str | os.PathLike[str]) -> Path | None:
         if match and (child / CHECKSUM_FILE).is_file():
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
+
+
+def checkpoints_newest_first(parent: str) -> list[str]:
+    """Every finished checkpoint folder (``step-*`` with its checksum file) directly under ``parent``, a local
+    folder or fsspec URL, newest first; [] when there is none."""
+    from pipeline.storage import Location
+
+    location = Location(str(parent))
+    fs, root = location.fs_and_path()
+    try:
+        entries = fs.ls(root, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    prefix = "" if location.is_local else f"{location.protocol}://"
+    found = []
+    for entry in entries:
+        entry = entry.rstrip("/")
+        match = _NAME.match(entry.rsplit("/", 1)[-1])
+        if match and fs.exists(f"{entry}/{CHECKSUM_FILE}"):
+            found.append((int(match.group(1)), prefix + entry))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def load_newest_intact(candidates: list[str], expect_fingerprint: str | None = None) -> TrainState:
+    """The first of ``candidates`` (newest first) that verifies; a corrupt or incomplete one is logged and
+    the one before it tried. Other refusals (another dataset, format version) are not skipped over."""
+    problems = []
+    for path in candidates:
+        try:
+            return load_checkpoint(path, expect_fingerprint=expect_fingerprint)
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+            log.warning("checkpoint %s cannot be used (%s); trying the one before it", path, exc)
+    raise CorruptCheckpoint("no intact checkpoint to resume from: " + ("; ".join(problems) or "none found")
+                            + ". Start the run again from scratch (another --name), or resume= a copy you trust")
 
 
 # ---------------------------------------------------------------------------------------------- pretrained
