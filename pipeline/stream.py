@@ -137,6 +137,7 @@ class ShardReader:
         self.fs, self.root = shards.location.fs_and_path()
         self._locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._count = threading.Lock()  # metrics are updated from every reader thread
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
         name = self.shards.shard_names[shard]
@@ -153,7 +154,8 @@ class ShardReader:
         while position < stop:
             end = min(position + self.cfg.read_chunk_bytes, stop)
             data = self._retry(f"{path} bytes {position}-{end}", self._get, path, position, end)
-            self.metrics.bytes_read += len(data)
+            with self._count:
+                self.metrics.bytes_read += len(data)
             position += len(data)  # a short answer is not an error: the next request starts where it ended
             yield data
 
@@ -173,7 +175,8 @@ class ShardReader:
             except Exception as exc:  # noqa: BLE001 - object stores raise many kinds of transient errors
                 if attempt == self.cfg.max_read_retries:
                     raise
-                self.metrics.read_retries += 1
+                with self._count:
+                    self.metrics.read_retries += 1
                 pause = delay * random.uniform(0.5, 1.0)  # jitter: ranks throttled together retry apart
                 log.warning("reading %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc,
                             attempt + 1, self.cfg.max_read_retries, pause)

@@ -99,9 +99,11 @@ def test_throttling_and_5xx_are_retried_and_the_samples_are_those_of_a_clean_rea
                                                                                  clean, proxy: FaultProxy) -> None:
     shards = through(proxy, object_store, dataset)
     assert len(shards.shard_names) >= 4 and len(shards) == len(clean) == 48
-    proxy.add(Fault(".tar", "slowdown", times=3), Fault(".tar", "internal", skip=6, times=2),
-              Fault(".tar", "slowdown", skip=11, times=1))
-    cfg = config()
+    faults = [Fault(".tar", "slowdown", times=3), Fault(".tar", "internal", skip=6, times=2),
+              Fault(".tar", "slowdown", skip=11, times=1)]
+    proxy.add(*faults)
+    # enough retries even if every fault lands on the same chunk, however the threads interleave
+    cfg = config(max_read_retries=sum(f.times for f in faults))
     stream = SampleStream(shards, cfg, threads=2)
     got = stream.take(len(shards))
     planned = stream_rows(shards.counts, cfg.seed, 1, 0, cfg.shuffle_buffer, 0, len(shards))
