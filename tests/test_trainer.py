@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -314,34 +315,49 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
     assert (reference.run_dir / "tracking.json").is_file()
 
 
+CHECKPOINT_STEPS = (4, 6, 8, 12)  # every_n_steps=4 and each epoch's end (6, 12)
+FAULTS = [(1, 10), (0, random.Random(7).choice([5, 7, 9, 11]))]  # (rank, step); a seeded random step too
+
+
 @dali
 @pytest.mark.slow
+@pytest.mark.parametrize(("rank", "step"), FAULTS, ids=[f"rank{r}-step{s}" for r, s in FAULTS])
 def test_worker_killed_mid_epoch_resumes_on_the_same_samples(reference: Ran, tmp_path: Path, digits: str,
-                                                             teacher_file: str, mlflow_server: Any) -> None:
-    """Rank 1 exits hard after step 10 (epoch 2 of 2, step 4 of 6); the last checkpoint is step 8. With
-    max_failures=1 Ray restarts both workers from it and the run finishes on the reference's samples."""
+                                                             teacher_file: str, mlflow_server: Any, rank: int,
+                                                             step: int) -> None:
+    """A worker exits hard after ``step``; with max_failures=1 Ray restarts both workers from the latest
+    checkpoint, and the run finishes on the reference's samples, with the reference's weights."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+
     marker = tmp_path / "fault-marker"
-    ran = _train(tmp_path, "fault", digits, teacher_file, mlflow_server.tracking_uri,
-                 fault={"rank": 1, "step": 10, "marker": str(marker)})
+    ran = _train(tmp_path, f"fault-{rank}-{step}", digits, teacher_file, mlflow_server.tracking_uri,
+                 fault={"rank": rank, "step": step, "marker": str(marker)})
     assert marker.is_file(), "the fault hook did not fire"
+    restored = max(c for c in CHECKPOINT_STEPS if c <= step)
     summary = ran.result.return_value
-    assert summary["restored_from"] == 8 and ran.result.metrics["step"] == STEPS
-    for rank in (0, 1):
-        assert sorted(ran.keys[rank]) == list(range(STEPS))
-        for step in range(STEPS):
-            attempts = ran.keys[rank][step]
-            # steps 8 and 9 were trained before the failure and again after the restart
-            assert len(attempts) == (2 if 8 <= step < 10 else 1), (rank, step, len(attempts))
+    assert summary["restored_from"] == restored and ran.result.metrics["step"] == STEPS
+    for r in (0, 1):
+        assert sorted(ran.keys[r]) == list(range(STEPS))
+        for s in range(STEPS):
+            attempts = ran.keys[r][s]
+            # steps restored..step-1 were trained before the failure and again after the restart
+            assert len(attempts) == (2 if restored <= s < step else 1), (r, s, len(attempts))
             for keys in attempts:
-                assert keys == reference.keys[rank][step][0], f"rank {rank} step {step} trained other samples"
+                assert keys == reference.keys[r][s][0], f"rank {r} step {s} trained other samples"
+    # the same samples, augmentations and RNG streams: the same final weights (CPU, up to float summation)
+    final = load_checkpoint(latest_checkpoint(ran.run_dir)).model
+    expected = load_checkpoint(latest_checkpoint(reference.run_dir)).model
+    assert final.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(final[name].float(), tensor.float(), rtol=1e-4, atol=1e-5), name
     # one MLflow run, continued after the restart
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server.tracking_uri)
     experiment = client.get_experiment_by_name("test-trainer")
-    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'fault'")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'fault-{rank}-{step}'")
     assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
-    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["distillery.resumed_at_step"] == "8"
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["distillery.resumed_at_step"] == str(restored)
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert steps == set(range(2, STEPS + 1, 2))
 
