@@ -4,6 +4,13 @@ GPU JPEG decoders (nvJPEG) reject some of what real ImageNet holds: a PNG saved 
 grayscale JPEGs. Those are converted to RGB JPEG here, once, at build time; everything else is stored
 byte for byte (the common case costs one header parse, no decode). Unreadable, empty or truncated files
 raise `BadImage`, which the shard writer records in the build report.
+
+Huge images: one of at most `MAX_PIXELS` (89.5 Mpx, e.g. 20000x4470) is stored as it is; a larger one is
+bad ("pass --max-side") unless ``--max-side`` downscales it. Memory stays bounded: a JPEG is decoded
+straight at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's draft mode), so a 20000x20000 JPEG costs
+about 20 MB; other formats have no reduced decoding, and one that would need more than
+`MAX_DECODE_PIXELS` decoded is bad ("downscale it before building"). Nothing is fully decoded before these
+checks, so PIL's decompression-bomb guard never fires here.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 JPEG_QUALITY = 95  # for the rare converted files; originals are stored untouched
-MAX_PIXELS = 1 << 28  # 268 Mpx: beyond this an image is refused unless --max-side downscales it
+# Largest image stored: PIL's own decompression-bomb threshold (it warns above, refuses above twice as much),
+# so every stored image opens in PIL-based readers (`pipeline inspect --decode`, eval transforms) as is.
+MAX_PIXELS = 89_478_485  # = PIL's default Image.MAX_IMAGE_PIXELS, 256 MiB as RGB
+MAX_DECODE_PIXELS = 2 * MAX_PIXELS  # largest decode at build time (PIL refuses more): ~540 MB as RGB
 _EOI = b"\xff\xd9"
 _EOI_WINDOW = 4096  # some writers pad a few bytes after the end-of-image marker
 
@@ -48,18 +58,28 @@ def prepare_image(data: bytes, max_side: int | None = None, verify_decode: bool 
         changes.append(f"{(image.format or 'unknown').lower()}->jpeg")
     elif image.mode != "RGB":
         changes.append(f"{image.mode.lower()}->rgb")
-    if image.format == "JPEG" and not has_end_marker(data):
-        _load(image, "truncated JPEG (no end-of-image marker)")
+    truncated = image.format == "JPEG" and not has_end_marker(data)
+    if truncated:
         changes.append("reencoded: no end marker")
     if max_side and max(width, height) > max_side:
         changes.append("resized")
     elif width * height > MAX_PIXELS:
-        raise BadImage(f"too large ({width}x{height} px); pass --max-side to downscale at build time")
+        if image.format != "JPEG" and width * height > MAX_DECODE_PIXELS:
+            raise BadImage(_too_large_to_decode(image))
+        raise BadImage(f"too large to store as is ({width}x{height} px, over {MAX_PIXELS} px); "
+                       f"pass --max-side (e.g. 1024) to downscale it at build time")
     if not changes:
         if verify_decode:
             _load(image, "corrupt JPEG data")
         return PreparedImage(data, width, height, "")
-    return _reencode(image, max_side, ", ".join(changes))
+    reason = "truncated JPEG (no end-of-image marker)" if truncated else "truncated or corrupt image"
+    return _reencode(image, max_side, ", ".join(changes), reason)
+
+
+def _too_large_to_decode(image: Image.Image) -> str:
+    width, height = image.size
+    return (f"too large to decode ({width}x{height} px {image.format or 'image'}, over {MAX_DECODE_PIXELS} px, "
+            f"and only JPEGs can be decoded at reduced size); downscale it before building")
 
 
 def _open(data: bytes) -> Image.Image:
@@ -77,15 +97,19 @@ def _open(data: bytes) -> Image.Image:
 
 def _load(image: Image.Image, reason: str) -> None:
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():  # sizes were checked against our limits; GIF frames check again
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{reason}: {exc}") from None
 
 
-def _reencode(image: Image.Image, max_side: int | None, conversion: str) -> PreparedImage:
+def _reencode(image: Image.Image, max_side: int | None, conversion: str, reason: str) -> PreparedImage:
     if max_side and image.format == "JPEG":
         image.draft("RGB", (max_side, max_side))  # decode huge JPEGs at 1/2, 1/4, 1/8 scale directly
-    _load(image, "truncated or corrupt image")
+    if image.width * image.height > MAX_DECODE_PIXELS:  # the size to be decoded, after draft
+        raise BadImage(_too_large_to_decode(image))
+    _load(image, reason)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         rgb = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -3,7 +3,11 @@
 Reads every shard once (in parallel threads) and checks: the shard exists with the recorded size and
 sha256; each member's name, label and content hash match the manifest; each sample has its .jpg and .cls;
 counts and the fingerprint agree with the dataset info. Optionally decodes every image (``--decode``).
-Never extracts anything: member names are only compared, so a hostile tar cannot write outside a folder.
+Never extracts anything: member names are only compared, so a hostile tar cannot write outside a folder;
+a member with a path (absolute, ``..`` or folders) or that is not a regular file is reported as a problem.
+
+Damage inside shards becomes a problem in the result, naming the shard and member; damaged metadata
+(dataset info, manifest, classes.json) raises `DatasetError` from the readers of `pipeline.manifest`.
 """
 
 from __future__ import annotations
@@ -76,9 +80,12 @@ def inspect(dst: Location, split: str = "train", decode: bool = False, threads: 
     if fingerprint(classes, rows) != info.fingerprint:
         result.problems.append("fingerprint of manifest + classes differs from the dataset info: "
                                "the manifest or classes.json was changed after the build")
-    bad_labels = [r["key"] for r in rows if not 0 <= r["label"] < len(classes)]
+    bad_labels = [i for i, r in enumerate(rows) if not 0 <= r["label"] < len(classes)]
     if bad_labels:
-        result.problems.append(f"{len(bad_labels)} labels outside 0..{len(classes) - 1}, e.g. key {bad_labels[0]}")
+        row = rows[bad_labels[0]]
+        result.problems.append(f"{split}.parquet: {len(bad_labels)} labels outside 0..{len(classes) - 1} "
+                               f"(classes.json has {len(classes)} classes), e.g. row {bad_labels[0]} "
+                               f"(key {row['key']}) has label {row['label']}")
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], []).append(row)
@@ -108,7 +115,7 @@ def _check_shard(dst: Location, split: str, shard: dict[str, Any], rows: list[di
         with fs.open(f"{root}/{name}", "rb", block_size=8 * 1024 * 1024) as handle:
             reader = _HashingReader(handle)
             try:
-                for key, parts in _members(reader):
+                for key, parts in _members(reader, name, problems):
                     row = expected.get(key)
                     if row is None:
                         problems.append(f"{name}: member {key!r} is not in the manifest")
@@ -148,14 +155,23 @@ class _HashingReader:
             pass
 
 
-def _members(reader: _HashingReader) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
-    """(key, {extension: (data offset, bytes)}) per sample, streamed; nothing is extracted to disk."""
+def _members(reader: _HashingReader, shard: str,
+             problems: list[str]) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
+    """(key, {extension: (data offset, bytes)}) per sample, streamed; nothing is extracted to disk.
+
+    build-shards writes only regular files with flat names; any other member is a problem, not a sample.
+    """
     key, parts = None, {}
     with tarfile.open(fileobj=reader, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
+                problems.append(f"{shard}: member {info.name!r} is not a regular file (type {info.type!r})")
                 continue
-            this, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+            if "/" in info.name or "\\" in info.name or info.name.startswith("."):
+                problems.append(f"{shard}: member {info.name!r} has a path (absolute, '..' or folders); "
+                                f"shards hold flat names only: never extract this shard")
+                continue
+            this, _, ext = info.name.partition(".")
             if this != key and key is not None:
                 yield key, parts
                 parts = {}

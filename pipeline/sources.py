@@ -12,6 +12,13 @@ official DeiT/CaiT checkpoints' outputs mean the same classes. An empty class fo
 is reported, not dropped: dropping it would shift every later class).
 
 The scan only lists and stats files; reading and checking the bytes happens when shards are written.
+
+Links and names: a symlinked class folder and a symlinked image file are followed (the usual way to build
+a subset); a symlinked folder inside a class folder is not (a link to its parent would loop forever) and
+is listed as ignored in the report, as is a class-folder link that points back at the split folder or
+above it. File and class names may be any Unicode; a file name that is not valid UTF-8 is kept (shown
+with ``\\x..`` escapes in the manifest and report), a class folder name that is not is refused, since it
+must go into ``classes.json``.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ def scan(root: str | os.PathLike, split: str = "train", labels_file: str | None 
     split_dir = resolve_split_dir(root, split)
     entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     class_dirs = [e for e in entries if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")]
+    loops = [e for e in class_dirs if e.is_symlink() and _loops_back(e, split_dir)]
+    class_dirs = [e for e in class_dirs if e not in loops]
     loose_images = [e for e in entries if e.is_file() and is_image_name(e.name)]
     if loose_images and (labels_file or not class_dirs):
         return _scan_flat(root, split_dir, loose_images, entries, labels_file, classes)
@@ -86,12 +95,27 @@ def scan(root: str | os.PathLike, split: str = "train", labels_file: str | None 
             f"{split_dir}: no class folders and no images; expected {split_dir}/<class>/*.JPEG "
             f"or images with a label file (--labels)"
         )
-    return _scan_class_folders(split_dir, class_dirs, loose_images, classes)
+    listing = _scan_class_folders(split_dir, class_dirs, loose_images, classes)
+    listing.skipped += [Skipped(display_path(e.name), "symlinked folder loops back to the split folder "
+                                                      "(not followed)") for e in loops]
+    return listing
+
+
+def _loops_back(entry: os.DirEntry, split_dir: Path) -> bool:
+    """Whether a symlinked folder points at the split folder or one of its ancestors (walking it would
+    list the split again, under a wrong class)."""
+    target = Path(os.path.realpath(entry.path))
+    here = Path(os.path.realpath(split_dir))
+    return target == here or target in here.parents
 
 
 def _scan_class_folders(split_dir: Path, class_dirs: list[os.DirEntry], loose: list[os.DirEntry],
                         classes: list[str] | None) -> SourceListing:
     names = [d.name for d in class_dirs]
+    for name in names:
+        if display_path(name) != name:  # undecodable bytes, kept by os as surrogates
+            raise SourceError(f"{split_dir}: class folder '{display_path(name)}' has a name that is not valid "
+                              f"UTF-8; rename it (class names are written to classes.json)")
     if classes is None:
         classes = names
     else:
@@ -116,11 +140,16 @@ def _scan_class_folders(split_dir: Path, class_dirs: list[os.DirEntry], loose: l
 
 
 def _walk_files(folder: Path, prefix: str, skipped: list[Skipped]) -> list[tuple[str, int]]:
-    """Image files below ``folder`` (sorted, symlinked folders not followed, so loops cannot trap us)."""
+    """Image files below ``folder`` (sorted; symlinked folders are not followed, so loops cannot trap us,
+    and are listed in ``skipped``)."""
     found: list[tuple[str, int]] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
         rel_dir = os.path.relpath(dirpath, folder)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in links:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            skipped.append(Skipped(display_path(f"{prefix}/{rel}"), "symlinked folder not followed (could loop)"))
+        dirnames[:] = sorted(d for d in dirnames if d not in links)
         for name in sorted(filenames):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             relpath = f"{prefix}/{rel}"
@@ -148,10 +177,7 @@ def _scan_flat(root: Path, split_dir: Path, images: list[os.DirEntry], entries: 
     labels = read_label_file(path)
     if classes is None:
         textual = sorted({v for v in labels.values() if not v.isdigit()})
-        if textual:
-            classes = textual
-        else:
-            classes = [str(i) for i in range(max(int(v) for v in labels.values()) + 1)]
+        classes = textual or [str(i) for i in range(max(int(v) for v in labels.values()) + 1)]
     index = {name: i for i, name in enumerate(classes)}
     samples: list[SourceSample] = []
     skipped = [Skipped(e.name, "not an image file (extension)") for e in entries

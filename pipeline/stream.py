@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.config import StreamConfig
 from pipeline.images import has_end_marker
-from pipeline.manifest import DatasetError, read_info, read_manifest
+from pipeline.manifest import DatasetError, check_manifest, read_info, read_manifest
 from pipeline.order import Window, locate, per_rank, rank_windows, window_samples
 from pipeline.storage import Location
 
@@ -78,6 +78,7 @@ class ShardSet:
         if table.num_rows != info.num_samples:
             raise DatasetError(f"{location.url}/{split}.parquet has {table.num_rows} rows, the dataset info "
                                f"says {info.num_samples}: run `pipeline inspect` and rebuild")
+        check_manifest(table, location, info)  # labels within classes.json, rows inside listed shards
         col = {name: table.column(name).to_numpy() for name in
                ("label", "shard", "offset", "size", "width", "height")}
         shards = col["shard"].astype(np.int64)
