@@ -71,7 +71,8 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
                .repeat().decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
                                          persistent_workers=False, prefetch_factor=4 if workers else None,
-                                         multiprocessing_context="spawn" if workers else None)  # no fork after DALI threads
+                                         # spawn: no fork after DALI's threads
+                                         multiprocessing_context="spawn" if workers else None)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
                   num_classes=int(shards.labels.max()) + 1)
     batches = iter(loader)

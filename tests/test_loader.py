@@ -58,7 +58,7 @@ def test_batches_hold_k_different_views_of_each_image_in_one_step(shards: ShardS
         labels = {r: int(shards.labels[r]) for r in range(len(shards))}
         key_row = {k: r for r, k in enumerate(shards.keys)}
         assert batch.labels.tolist() == [labels[key_row[k]] for k in batch.keys]
-        assert 0 <= batch.boxes.min() and batch.boxes.max() <= 1 and set(batch.flips.tolist()) <= {0, 1}
+        assert batch.boxes.min() >= 0 and batch.boxes.max() <= 1 and set(batch.flips.tolist()) <= {0, 1}
 
 
 def test_every_image_exactly_once_per_pass_and_k_views_each(shards: ShardSet) -> None:
@@ -181,7 +181,8 @@ def test_eval_transform_matches_pil_resize_and_centre_crop(shards: ShardSet) -> 
     reference = T.Compose([T.Resize(int(SIZE / 0.875), interpolation=T.InterpolationMode.BICUBIC),
                            T.CenterCrop(SIZE)])
     for image, key in zip(images, keys, strict=True):
-        sample = loader.pieces.read(int(shards.shards[key_row[key]]), 0, int(shards.counts[shards.shards[key_row[key]]]))
+        shard = int(shards.shards[key_row[key]])
+        sample = loader.pieces.read(shard, 0, int(shards.counts[shard]))
         data_bytes = sample[key_row[key]].data
         expected = np.asarray(reference(Image.open(io.BytesIO(data_bytes)).convert("RGB")), dtype=np.float32)
         got = image.permute(1, 2, 0).numpy().astype(np.float32)
