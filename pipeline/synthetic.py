@@ -30,8 +30,9 @@ def jpeg_bytes(rng: np.random.Generator, width: int, height: int, mode: str = "R
 
 
 def write_imagenet_like(root: str | Path, images: int, classes: int = 10, split: str = "train",
-                        seed: int = 0) -> Path:
-    """``root/split/<wnid>/*.JPEG``: ImageNet-sized (about 460x350, ~110 KB) JPEGs for benchmarks."""
+                        seed: int = 0, scale: float = 1.0) -> Path:
+    """``root/split/<wnid>/*.JPEG``: ImageNet-sized (about 460x350, ~110 KB) JPEGs for benchmarks; ``scale``
+    resizes them (``size / 224`` keeps ImageNet's ratio of image to a ``size``-pixel training crop)."""
     rng = np.random.default_rng(seed)
     split_dir = Path(root) / split
     for i in range(images):
@@ -39,5 +40,6 @@ def write_imagenet_like(root: str | Path, images: int, classes: int = 10, split:
         folder = split_dir / wnid
         folder.mkdir(parents=True, exist_ok=True)
         w, h = int(rng.integers(400, 520)), int(rng.integers(300, 400))
+        w, h = max(8, round(w * scale)), max(8, round(h * scale))
         (folder / f"{wnid}_{i}.JPEG").write_bytes(jpeg_bytes(rng, w, h, quality=95, noise=18.0))
     return split_dir

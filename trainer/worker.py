@@ -21,6 +21,7 @@ as in DeiT; its outputs never get a gradient.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -31,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.batch_aug import BatchAugment, MixParams, normalize
 from pipeline.loader import Batch, EvalLoader, TrainLoader, effective_batch
 from pipeline.storage import Location
 from pipeline.stream import ShardSet
+from pipeline.views import batch_rng
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
 from trainer.checkpoint import (
@@ -72,6 +75,12 @@ class RunOptions:
     ``fault`` and ``key_log_dir`` exist for tests and debugging: ``fault={"rank": 1, "step": 7,
     "marker": PATH}`` makes that rank exit hard after that step once (the marker file remembers it), and
     ``key_log_dir`` gets one JSON line per step and rank with the sample keys trained on.
+
+    ``bench={"warmup": W, "steps": N, "data": "loader" | "synthetic", "teacher": bool}`` is ``trainer.bench``'s:
+    run W + N steps (whatever the schedule's length) with no evaluation and no checkpoint, and put the timing
+    of the last N, summed over ranks, in the summary (``timing["bench"]``). ``data="synthetic"`` trains on one
+    random batch of this rank's shape kept on the device instead of the loader's; ``teacher=False`` swaps the
+    teacher for constant logits (the same loss, no teacher forward).
     """
 
     name: str = "run"
@@ -85,6 +94,7 @@ class RunOptions:
     log_model: bool = True  # the final model to MLflow (mlflow.pytorch.log_model)
     key_log_dir: str | None = None
     fault: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
 
 
 def encode(config: TrainConfig, options: RunOptions) -> dict[str, Any]:
@@ -151,49 +161,81 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     p = build(config, options, ctx.get_world_rank(), ctx.get_world_size())
     p.timing["build_s"] = time.time() - started
-    batches = iter(p.loader)
+    batches = _batches(p)
     timer = _Timer()
-    while p.step < p.schedule.total_steps:
+    last = p.options.bench["warmup"] + p.options.bench["steps"] if p.options.bench else p.schedule.total_steps
+    while p.step < last:
         batch = timer.wait(batches)
         terms = train_step(p, batch)
         p.step += 1
         timer.stepped(len(batch.keys))
-        _after_step(p, batch)
+        _after_step(p, batch, timer)
         if p.step % p.config.tracking.log_every_n_steps == 0:
             _log(p, terms, timer.take())
-        epoch_end = p.step % p.loader.steps_per_epoch == 0
-        if epoch_end:
+        evaluate_now, checkpoint_now = _due(p)
+        if evaluate_now:
             p.last_eval = evaluate(p)
             p.tracker.log_metrics(p.last_eval, p.step)
-        if epoch_end or p.step % p.config.checkpoint.every_n_steps == 0:
-            checkpoint(p, {**p.last_eval} if epoch_end else {})
+        if checkpoint_now:
+            checkpoint(p, {**p.last_eval} if evaluate_now else {})
             timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
+    if p.options.bench:
+        p.timing["bench"] = _bench_timing(p, timer)
     p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
     return _finish(p)
 
 
+def _due(p: Parts) -> tuple[bool, bool]:
+    """(evaluate, checkpoint) after this step: both at each epoch end, a checkpoint also every n steps;
+    neither in a benchmark."""
+    if p.options.bench:
+        return False, False
+    epoch_end = p.step % p.loader.steps_per_epoch == 0
+    return epoch_end, epoch_end or p.step % p.config.checkpoint.every_n_steps == 0
+
+
 class _Timer:
-    """Step time and the part of it spent waiting for the next batch, summed over a logging interval."""
+    """Step time and the part of it spent waiting for the next batch, summed over a logging interval
+    (``take``) and since ``measure`` (``measured``: the steps a benchmark times)."""
 
     def __init__(self) -> None:
         self.wait_s = self.total_s = 0.0
         self.views = 0
+        self.measured = {"steps": 0, "views": 0, "step_s": 0.0, "wait_s": 0.0}
         self._mark = time.perf_counter()
 
     def wait(self, batches: Iterator[Batch]) -> Batch:
         start = time.perf_counter()
         batch = next(batches)
-        self.wait_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.wait_s += waited
+        self.measured["wait_s"] += waited
         return batch
 
     def stepped(self, views: int) -> None:
         now = time.perf_counter()
         self.total_s += now - self._mark
+        self.measured["step_s"] += now - self._mark
         self._mark = now
         self.views += views
+        self.measured["views"] += views
+        self.measured["steps"] += 1
 
     def restart(self) -> None:
         self._mark = time.perf_counter()
+
+    def measure(self, device: torch.device) -> None:
+        """Start ``measured`` afresh from here, once the device has run what is queued."""
+        _sync(device)
+        self.measured = {"steps": 0, "views": 0, "step_s": 0.0, "wait_s": 0.0}
+        self.restart()
+
+    def settle(self, device: torch.device) -> None:
+        """Wait for the device's queued work (the last steps' kernels) and charge it to ``measured``."""
+        _sync(device)
+        now = time.perf_counter()
+        self.measured["step_s"] += now - self._mark
+        self._mark = now
 
     def take(self) -> dict[str, float]:
         out = {"step_s": self.total_s, "wait_s": self.wait_s, "views": float(self.views)}
@@ -317,8 +359,11 @@ def _log(p: Parts, terms: LossTerms, timing: dict[str, float]) -> None:
                  metrics["loss"], metrics["lr"], metrics["img_per_s"], 100 * metrics["data_wait_frac"])
 
 
-def _after_step(p: Parts, batch: Batch) -> None:
-    """Debugging / test hooks: the key log and the one-time fault (see RunOptions)."""
+def _after_step(p: Parts, batch: Batch, timer: _Timer) -> None:
+    """Debugging / test / benchmark hooks: the key log, the one-time fault and the end of a benchmark's
+    warm-up (see RunOptions)."""
+    if p.options.bench and p.step == p.options.bench["warmup"]:
+        timer.measure(p.device)
     if p.options.key_log_dir:
         line = json.dumps({"step": batch.step, "keys": list(batch.keys), "pid": os.getpid()})
         with open(Path(p.options.key_log_dir) / f"keys-rank{p.rank}.jsonl", "a") as handle:
@@ -330,6 +375,47 @@ def _after_step(p: Parts, batch: Batch) -> None:
             marker.write_text(f"rank {p.rank} exited at step {p.step}\n")
             log.warning("fault hook: rank %d exits at step %d", p.rank, p.step)
             os._exit(1)
+
+
+def _batches(p: Parts) -> Iterator[Batch]:
+    """The loader's batches; in a benchmark (``RunOptions.bench``) maybe synthetic ones, and maybe constant
+    teacher logits in place of the teacher."""
+    bench = p.options.bench or {}
+    g = torch.Generator().manual_seed(p.config.runtime.seed + p.rank)
+    views = p.loader.images_per_step * p.loader.repeats
+    if p.teacher is not None and not bench.get("teacher", True):
+        p.teacher = _ConstantTeacher(torch.randn(views, p.config.model.num_classes, generator=g).to(p.device))
+    return _synthetic_batches(p, g) if bench.get("data") == "synthetic" else iter(p.loader)
+
+
+def _synthetic_batches(p: Parts, g: torch.Generator) -> Iterator[Batch]:
+    """One random batch of this rank's shape (uint8 views laid out as the loader's, on its device), handed
+    out at every step with that step's batch rng: the step without the loader."""
+    n, k, size = p.loader.images_per_step, p.loader.repeats, p.config.data.augment.image_size
+    views = torch.randint(0, 256, (n * k, size, size, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    views = views.to(p.device)  # NCHW view of NHWC memory, as the loader's
+    labels = torch.randint(0, p.config.model.num_classes, (n,), generator=g).repeat_interleave(k).to(p.device)
+    rows = np.repeat(np.arange(n) % len(p.loader.shards), k)
+    keys = [f"synthetic-{r}" for r in rows]
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n * k, 1)
+    flips = torch.zeros(n * k, dtype=torch.int32)
+    seed = p.config.data.stream.seed
+    for step in itertools.count(p.step):
+        yield Batch(views, labels, keys, boxes, flips, step, batch_rng(seed, p.rank, step), rows)
+
+
+def _bench_timing(p: Parts, timer: _Timer) -> dict[str, float]:
+    """The measured steps of a benchmark: views, step and data-wait seconds summed over ranks (one all-reduce)."""
+    timer.settle(p.device)
+    m = timer.measured
+    sums = _all_reduce_sum(torch.tensor([m["views"], m["step_s"], m["wait_s"]], dtype=torch.float64))
+    return {"workers": float(p.world), "steps": float(m["steps"]), "views": float(sums[0]), "step_s": float(sums[1]),
+            "wait_s": float(sums[2])}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _finish(p: Parts) -> dict[str, Any] | None:
@@ -427,6 +513,16 @@ class CachedTeacher(TeacherFn):
 
     def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
         return mixed(self.cache.logits(batch.rows, batch.boxes, x.device), mix.lam)
+
+
+class _ConstantTeacher(TeacherFn):
+    """The same logits for every batch: the distillation term at no teacher cost (``RunOptions.bench``)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+        return self.logits
 
 
 def build_teacher(config: TrainConfig, device: torch.device,
