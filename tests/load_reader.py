@@ -22,6 +22,17 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM of its address space). Not ``ru_maxrss``: Linux carries that
+    over from the parent across fork + exec, so a reader started by a big pytest process would report the
+    parent's peak (CI saw 1.4 GB for a reader whose RSS never passed 200 MB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("url")
@@ -47,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             last = now
         if now - start >= args.seconds:
             break
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"summary": True, "samples": count, "seconds": round(time.monotonic() - start, 2),
                       "peak_rss_mb": round(peak, 1),
                       "max_gap_s": round(max_gap, 2), **stream.metrics.as_dict()}), flush=True)
