@@ -387,3 +387,24 @@ def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teache
     with pytest.raises(CacheMismatch, match="weights_sha256"):
         run(apply_overrides(config, [f"distill.teacher.pretrained_path={other}"]), storage_path=str(tmp_path / "s2"),
             name="refused")
+
+
+@dali
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path: Path, digits: str, teacher_file: str,
+                                                              local_ray: Any) -> None:
+    """The run is continued (same name) after its newest checkpoint got a flipped bit: Ray hands the workers
+    that checkpoint, they find it corrupt (checksums) and resume from the intact one before it."""
+    from trainer.run import run
+
+    config = apply_overrides(_config(digits, teacher_file), ["schedule.epochs=1", "schedule.warmup_epochs=0"])
+    options = RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1)
+    first = run(config, storage_path=str(tmp_path / "storage"), name="corrupt", options=options)
+    assert first.metrics["step"] == 6  # checkpoints at steps 4 and 6
+    state = tmp_path / "storage" / "corrupt" / "step-00000006" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    again = run(config, storage_path=str(tmp_path / "storage"), name="corrupt", options=options)
+    assert again.return_value["restored_from"] == 4 and again.metrics["step"] == 6
+    assert [h["step"] for h in again.return_value["history"]] == [6]  # steps 4, 5 trained again; logged at 6

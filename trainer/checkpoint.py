@@ -58,6 +58,9 @@ __all__ = [
     "load_checkpoint",
     "verify_checkpoint",
     "latest_checkpoint",
+    "checkpoint_step",
+    "checkpoints_newest_first",
+    "load_newest_intact",
     "capture_rng",
     "restore_rng",
     "safe_config",
@@ -102,6 +105,12 @@ class TrainState:
 def checkpoint_name(step: int) -> str:
     """``step-00001234``: sorts by step, one name per step."""
     return f"step-{step:08d}"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step in a checkpoint folder's name (``.../step-00001234`` -> 1234); -1 for any other name."""
+    match = _NAME.match(str(path).rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else -1
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -348,9 +357,9 @@ def checkpoints_newest_first(parent: str) -> list[str]:
     found = []
     for entry in entries:
         entry = entry.rstrip("/")
-        match = _NAME.match(entry.rsplit("/", 1)[-1])
-        if match and fs.exists(f"{entry}/{CHECKSUM_FILE}"):
-            found.append((int(match.group(1)), prefix + entry))
+        step = checkpoint_step(entry)
+        if step >= 0 and fs.exists(f"{entry}/{CHECKSUM_FILE}"):
+            found.append((step, prefix + entry))
     return [path for _, path in sorted(found, reverse=True)]
 
 

@@ -44,10 +44,14 @@ from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
 from trainer.checkpoint import (
     CheckpointError,
+    CorruptCheckpoint,
     TrainState,
     capture_rng,
+    checkpoint_step,
+    checkpoints_newest_first,
     latest_checkpoint,
     load_checkpoint,
+    load_newest_intact,
     load_pretrained,
     restore_rng,
     safe_config,
@@ -560,8 +564,16 @@ def _restore(options: RunOptions, fingerprint: str) -> TrainState | None:
 
     found = ray.train.get_checkpoint()
     if found is not None:
-        with found.as_directory() as folder:
-            return load_checkpoint(folder, expect_fingerprint=fingerprint)
+        try:
+            with found.as_directory() as folder:
+                return load_checkpoint(folder, expect_fingerprint=fingerprint)
+        except CorruptCheckpoint as exc:  # a flipped bit or a lost file: the one before it will do
+            newest = checkpoint_step(found.path)
+            older = [path for path in checkpoints_newest_first(options.run_dir or "")
+                     if checkpoint_step(path) < newest]
+            log.warning("the latest checkpoint cannot be used (%s); resuming from the newest intact one before it",
+                        exc)
+            return load_newest_intact(older, expect_fingerprint=fingerprint)
     if options.resume:
         path = options.resume if "://" in options.resume else latest_checkpoint(options.resume)
         if path is None:
