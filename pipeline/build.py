@@ -167,7 +167,7 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
     fs, root = state.fs_and_path()
     plan_path = f"{root}/plan.json"
     if exists(fs, plan_path):
-        previous = read_json(fs, plan_path).get("digest")
+        previous = (_read_state_file(fs, plan_path, ("digest",)) or {"digest": plan.digest})["digest"]
         if previous != plan.digest:
             if not cfg.overwrite:
                 raise BuildError(
@@ -188,12 +188,35 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
         path = f"{root}/{part_name(cfg.split, index)}"
         if not fs.exists(path):
             continue
-        part = read_json(fs, path)
-        complete = part.get("plan") == plan.digest and (
+        part = _read_state_file(fs, path, _PART_FIELDS)
+        if part is None:
+            continue  # damaged: that shard is written again
+        complete = part["plan"] == plan.digest and (
             part["name"] is None or sizes.get(part["name"]) == part["bytes"])
         if complete:
             parts[index] = part
     return parts
+
+
+_PART_FIELDS = ("plan", "index", "name", "bytes", "sha256", "rows", "skipped")
+
+
+def _read_state_file(fs: Any, path: str, fields: tuple[str, ...]) -> dict[str, Any] | None:
+    """A build-state file (plan or shard part), or None with a warning when it is damaged (not JSON, not an
+    object, fields missing). The state only saves work: a damaged part means its shard is written again,
+    a damaged plan file is rewritten (each part carries the plan digest it was written for)."""
+    try:
+        value = read_json(fs, path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value, why = None, f"not JSON ({exc})"
+    else:
+        missing = [f for f in fields if not isinstance(value, dict) or f not in value]
+        why = f"missing {', '.join(missing)}" if missing else ""
+    if why:
+        log.warning("build state file %s is damaged (%s): ignoring it, the work it recorded is done again",
+                    path, why)
+        return None
+    return value
 
 
 def _write_pending(cfg: BuildConfig, plan: ShardPlan, listing: SourceListing,

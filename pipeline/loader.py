@@ -139,11 +139,14 @@ class TrainLoader:
 
 class EvalLoader:
     """Every val sample exactly once per pass, split over ranks in contiguous, nearly equal slices, read
-    shard piece by shard piece (never the whole split in memory); the last batch may be shorter."""
+    shard piece by shard piece (never the whole split in memory); the last batch may be shorter. An
+    unreadable shard is skipped and counted (``metrics``); when most shards are, the pass stops with a
+    `StreamError` that says what to check."""
 
     def __init__(self, shards: ShardSet, data: DataConfig, batch_size: int, world: int = 1, rank: int = 0,
-                 device: str = "cpu", dali_threads: int = 2):
+                 device: str = "cpu", dali_threads: int = 2, max_failed_fraction: float = 0.5):
         self.shards, self.data, self.device, self.batch_size = shards, data, device, batch_size
+        self.max_failed_fraction = max_failed_fraction  # of the shards read so far: more -> StreamError
         self.rows = np.array_split(np.arange(len(shards)), world)[rank]
         self.metrics = StreamMetrics()
         self.pieces = PieceReader(shards, data.stream, self.metrics)
@@ -162,6 +165,7 @@ class EvalLoader:
             mine = self.rows[self.shards.shards[self.rows] == shard]
             start = int(mine[0] - self.shards.shard_starts[shard])
             found = self.pieces.read(int(shard), start, start + len(mine))
+            self.pieces.check_health(self.max_failed_fraction)  # one bad shard is skipped, a dead store is not
             for row in mine:
                 if int(row) in found:
                     batch.append(found[int(row)])

@@ -224,6 +224,17 @@ class PieceReader:
         with self._health_lock:
             return sum(self._failing.values()), len(self._failing)
 
+    def check_health(self, max_failed_fraction: float) -> None:
+        """Abort when most shards read so far fail: one bad shard is skipped, a store that is down is not."""
+        failing, tried = self.shard_health()
+        if failing and failing > max_failed_fraction * max(tried, min(4, len(self.shards.counts))):
+            url = self.shards.location.url
+            raise StreamError(
+                f"{failing} of the {tried} shards of {url} read so far are unreadable after "
+                f"{self.cfg.max_read_retries} retries per request ({dict(self.metrics.reasons)}): check that the "
+                f"object store answers at the configured endpoint, that the credentials may read the bucket "
+                f"and that the shards are there (`pipeline inspect {url}`)")
+
     def read(self, shard: int, start: int, stop: int) -> dict[int, Sample]:
         s = self.shards
         first = s.shard_starts[shard] + start
@@ -361,15 +372,7 @@ class SampleStream:
         return found
 
     def _check_shards(self) -> None:
-        """Abort when most shards read so far fail: one bad shard is skipped, a store that is down is not."""
-        failing, tried = self.pieces.shard_health()
-        if failing and failing > self.max_failed_fraction * max(tried, min(4, len(self.shards.counts))):
-            url = self.shards.location.url
-            raise StreamError(
-                f"{failing} of the {tried} shards of {url} read so far are unreadable after "
-                f"{self.cfg.max_read_retries} retries per request ({dict(self.metrics.reasons)}): check that the "
-                f"object store answers at the configured endpoint, that the credentials may read the bucket "
-                f"and that the shards are there (`pipeline inspect {url}`)")
+        self.pieces.check_health(self.max_failed_fraction)
 
     def _fill(self, samples: list[Sample | None], window: Window) -> list[Sample]:
         """Replace missing samples so the window keeps its length (equal steps on every rank)."""

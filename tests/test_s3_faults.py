@@ -194,3 +194,29 @@ def test_most_shards_failing_stops_the_run_with_a_clear_error(dataset: str, obje
     message = str(error.value)
     assert "unreadable" in message and "endpoint" in message and f"pipeline inspect {dataset}" in message
     assert stream.metrics.unreadable_pieces >= 2
+
+
+@pytest.mark.dali
+def test_eval_pass_skips_a_dead_shard_and_stops_when_most_are(dataset: str, object_store, proxy: FaultProxy) -> None:
+    """The val pass reads shard by shard: one shard that never answers is skipped and counted, every other
+    sample is evaluated once; with most shards dead the pass stops with the stream's clear error."""
+    from pipeline.config import AugmentConfig, DataConfig
+    from pipeline.loader import EvalLoader
+
+    shards = through(proxy, object_store, dataset)
+    names = sorted(shards.shard_names.values())
+    dead = next(i for i, n in shards.shard_names.items() if n == names[0])
+    proxy.add(Fault(names[0], "slowdown", times=None))
+    data = DataConfig(batch_size=8, augment=AugmentConfig(image_size=32), stream=config(max_read_retries=1))
+    loader = EvalLoader(shards, data, batch_size=8, dali_threads=1)
+    keys = [key for _, _, batch_keys in loader for key in batch_keys]
+    assert sorted(keys) == sorted(shards.keys[shards.shards != dead])
+    assert loader.metrics.unreadable_pieces == 1
+    unreadable = {k: v for k, v in loader.metrics.reasons.items() if k.startswith("unreadable shard: ")}
+    assert sum(unreadable.values()) == (shards.shards == dead).sum()  # each skipped sample counted, by reason
+
+    for name in names[1:]:
+        proxy.add(Fault(name, "slowdown", times=None))
+    with pytest.raises(StreamError, match=re.escape(f"pipeline inspect {dataset}")):
+        for _ in EvalLoader(shards, data, batch_size=8, dali_threads=1):
+            pass
