@@ -371,7 +371,8 @@ def init_ray(num_cpus: int | None = None):
     """Connect this driver to Ray: the cluster of ``DISTILLERY_RAY_GCS_ADDRESS`` / a non-http ``RAY_ADDRESS``,
     the cluster of the submitting job when run by ``ray job submit``, else a new local Ray on loopback
     only (the embedded default). Returns the ``ray`` module."""
-    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"):
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"):
         os.environ.setdefault(name, RAY_HEAD_ENV[name])
     import ray
 

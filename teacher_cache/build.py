@@ -50,7 +50,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuildConfig) -> tuple[list[str], EncodedMaps, int]:
+def encode_shard(shards: ShardSet, shard: int, teacher: Teacher,
+                 cfg: CacheBuildConfig) -> tuple[list[str], EncodedMaps, int]:
     """All images of one shard -> (keys in manifest order, encoded maps, unreadable count)."""
     count = int(shards.counts[shard])
     first = int(shards.shard_starts[shard])

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from teacher_cache.bench import bench
 
-        print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps, args.steps))
+        print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
+                    args.steps))
         return 0
     except (CacheMismatch, TeacherError, ValueError) as exc:
         log.error("%s", exc)

@@ -76,7 +76,8 @@ class Teacher:
 
     def _linear_head(self) -> nn.Linear:
         head = self.model.get_classifier()
-        pool = getattr(getattr(self.model, "head", None), "global_pool", None) or getattr(self.model, "global_pool", None)
+        pool = (getattr(getattr(self.model, "head", None), "global_pool", None)
+                or getattr(self.model, "global_pool", None))
         pool_type = pool if isinstance(pool, str) else getattr(pool, "pool_type", "avg")  # ViTs say 'token'
         if not isinstance(head, nn.Linear) or pool_type not in ("avg", "fast", "fastavg"):
             raise self._no_map()
