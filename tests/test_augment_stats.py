@@ -16,7 +16,7 @@ from timm.data.mixup import Mixup, mixup_target
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from pipeline.batch_aug import draw_erase_boxes, draw_mix, mix, normalize, random_erase
+from pipeline.batch_aug import MixParams, draw_erase_boxes, draw_mix, mix, normalize, random_erase
 from pipeline.config import AugmentConfig, MixConfig
 from pipeline.views import draw_views, random_resized_boxes
 
@@ -117,3 +117,38 @@ def test_normalize_uses_imagenet_mean_and_std() -> None:
     cfg = AugmentConfig()
     expected = (views.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
     assert torch.allclose(normalize(views, cfg), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fast_batch_steps_equal_the_formulas_bit_for_bit(layout: str) -> None:
+    """normalize, random erasing and Mixup/CutMix take faster paths (row-wise broadcasts, in-place work,
+    one slice per erased box on a CPU): each must equal the plain formula exactly, in either layout."""
+    cfg = AugmentConfig()
+    nhwc = torch.randint(0, 256, (6, 40, 48, 3), dtype=torch.uint8)
+    views = nhwc.permute(0, 3, 1, 2) if layout == "channels_last" else nhwc.permute(0, 3, 1, 2).contiguous()
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0)
+    x = normalize(views, cfg)
+    assert torch.equal(x, (views.float() - mean) * inv_std)
+    assert x.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+    boxes = draw_erase_boxes(np.random.default_rng(1), 6, 40, 48, 0.7)
+    assert (boxes[:, 2] > 0).sum() >= 2
+    torch.manual_seed(5)
+    sliced = random_erase(x.clone(memory_format=torch.preserve_format), boxes, per_box=True)
+    torch.manual_seed(5)
+    masked = random_erase(x.clone(memory_format=torch.preserve_format), boxes, per_box=False)
+    assert torch.equal(sliced, masked) and not torch.equal(sliced, x)
+
+    labels = torch.arange(6)
+    for params in (MixParams(0.3, None), MixParams(0.6, (3, 20, 5, 31))):
+        pure, targets = mix(x, labels, params, 10, 0.1)
+        inplace, _ = mix(x.clone(memory_format=torch.preserve_format), labels, params, 10, 0.1, inplace=True)
+        if params.cutmix_box is None:
+            expected = x * params.lam + x.flip(0) * (1 - params.lam)
+        else:
+            y0, y1, x0, x1 = params.cutmix_box
+            expected = x.clone()
+            expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        assert torch.equal(pure, expected) and torch.equal(inplace, expected)
+        assert inplace.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")

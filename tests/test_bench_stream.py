@@ -1,0 +1,25 @@
+"""``pipeline bench stream``: the three loaders read the same generated shards and the table says so; the
+object-store bytes per view of repeated augmentation are a third of the peers'. Rates are not checked (a
+speed claim is the table's ratio, measured in one run; see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.dali
+
+
+def test_bench_stream_prints_the_three_loaders_with_bytes_per_view() -> None:
+    from pipeline.bench_stream import bench_stream
+
+    table = bench_stream(images=24, batch=8, workers=1, views=24, size=64)
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4)))
+            for m in re.finditer(r"^(dali x3|dali|timm\+PIL DataLoader)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", table, re.M)}
+    assert set(rows) == {"dali", "dali x3", "timm+PIL DataLoader"}, table
+    assert all(rate > 0 for rate, _, _ in rows.values())
+    assert rows["timm+PIL DataLoader"][2] == 1.0
+    one, three, peer = rows["dali"][1], rows["dali x3"][1], rows["timm+PIL DataLoader"][1]
+    assert three < 0.45 * peer and three < 0.45 * one, "x3 decodes once for 3 views: a third of the bytes"
+    assert "24 images" in table
