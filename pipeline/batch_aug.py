@@ -2,9 +2,12 @@
 
 Order and semantics are timm's train transform, as DeiT uses it: RandAugment on uint8 views ->
 normalise with the ImageNet mean/std -> random erasing (pixel mode) -> Mixup/CutMix of the batch with
-label-smoothed targets. Every random choice is drawn on the host from the step's seeded generator
-(`pipeline.views.step_rng`), so a resumed run repeats it; the tensor work is batched, with no per-image
-Python loop.
+label-smoothed targets. DeiT III's 3-Augment and colour jitter (`pipeline.three_augment`, as the released
+``augment.py``) run first on the uint8 views when the recipe asks for them; colour jitter applies
+whenever ``augment.color_jitter > 0``, also beside RandAugment (the paper's reading; timm's
+``create_transform`` drops colour jitter when RandAugment is on). Every random choice is drawn on the
+host from the step's seeded generator (`pipeline.views.step_rng`), so a resumed run repeats it; the
+tensor work is batched, with no per-image Python loop (on a CPU, erasing writes one slice per box).
 """
 
 from __future__ import annotations
@@ -166,6 +169,11 @@ class BatchAugment:
                  dtype: torch.dtype = torch.float32):
         self.cfg, self.mix_cfg, self.num_classes, self.dtype = cfg, mix_cfg, num_classes, dtype
         self.rand_augment = None
+        self.three_augment = None
+        if cfg.three_augment or cfg.color_jitter > 0:
+            from pipeline.three_augment import ThreeAugment
+
+            self.three_augment = ThreeAugment(enabled=cfg.three_augment, color_jitter=cfg.color_jitter)
         if cfg.auto_augment:
             from pipeline.randaugment import RandAugment
 
@@ -179,6 +187,8 @@ class BatchAugment:
 
     def apply(self, views: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> AugmentedBatch:
         n, _, height, width = views.shape
+        if self.three_augment is not None:
+            views = self.three_augment.apply(views, self.three_augment.draw(rng, n))
         if self.rand_augment is not None:
             views = self.rand_augment.apply(views, self.rand_augment.draw(rng, n))
         x = normalize(views, self.cfg, torch.float32)  # a fresh tensor: the steps below work in place
