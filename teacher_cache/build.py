@@ -39,7 +39,7 @@ class CacheBuildConfig:
     split: str = "train"
     topk: int = 10
     batch_size: int = 64
-    workers: int | None = None  # actors; default: one per GPU, else 1
+    workers: int | None = None  # actors; default: one per GPU, else 1; 0: in this process, without Ray
     cpus_per_worker: int = 1
     dali_threads: int = 2
     overwrite: bool = False
@@ -127,6 +127,17 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
         if found is not None and all(found.get(k) == v for k, v in meta.items()):
             results[shard] = found
     pending = [s for s in sorted(shards.shard_names) if s not in results]
+    total = int(sum(shards.counts[s] for s in pending))
+    if cfg.workers == 0:  # one teacher here (a single-GPU machine, a benchmark): the same parts, no Ray
+        worker = CacheWorker(cfg, _device())
+        identity = worker.identity()
+        log.info("teacher cache: %d shards to encode (%d kept) in this process on %s -> %s", len(pending),
+                 len(results), worker.teacher.device, cfg.out.url)
+        with Progress(total, "teacher-cache build") as progress:
+            for shard in pending:
+                results[shard] = worker.run(shard, meta)
+                progress.update(results[shard]["samples"])
+        return _finish(cfg, shards, identity, results)
     ray = init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = max(1, min(cfg.workers or gpus or 1, len(pending) or 1))
@@ -138,10 +149,16 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
              workers, "GPU" if gpus else "CPU", cfg.out.url)
     from ray.util import ActorPool
 
-    with Progress(int(sum(shards.counts[s] for s in pending)), "teacher-cache build") as progress:
+    with Progress(total, "teacher-cache build") as progress:
         for result in ActorPool(actors).map_unordered(lambda a, s: a.run.remote(s, meta), pending):
             results[result["shard"]] = result
             progress.update(result["samples"])
+    return _finish(cfg, shards, identity, results)
+
+
+def _finish(cfg: CacheBuildConfig, shards: ShardSet, identity: dict[str, Any],
+            results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Write ``cache.json`` (the commit point) from every shard's part result."""
     first = next(iter(results.values()))
     info = {
         "dataset": {"url": cfg.shards.url, "split": cfg.split, "fingerprint": shards.fingerprint},

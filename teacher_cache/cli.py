@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=int, default=224, help="the teacher sees each whole image at R x R")
     b.add_argument("--topk", type=int, default=10, help="logits kept per map location")
     b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else 1)")
+    b.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else 1; 0: in this process, no Ray)")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--storage-options", metavar="JSON", help="fsspec options for --shards and --out")
     bench = sub.add_parser("bench", help="agreement with the online teacher, bytes per image, step rates")

@@ -168,3 +168,19 @@ def test_build_killed_mid_way_then_rerun_gives_identical_output(digits, tmp_path
     info = json.loads((out / "cache.json").read_text())
     assert {k: v for k, v in info.items() if k != "out"} == {k: v for k, v in reference.items() if k != "out"} | {
         "format": info["format"], "version": info["version"]}
+
+
+def test_build_in_this_process_without_ray_writes_the_same_cache(digits, tmp_path: Path) -> None:
+    """``workers=0`` (a single-GPU machine without Ray, the GPU benchmark): the same part files and
+    cache.json, byte for byte, as the Ray actor build."""
+    shards, weights = digits
+    spec = TeacherSpec("resnet10t", weights, 10, 32)
+    ray_info = build_cache(CacheBuildConfig(shards=shards.location, out=Location(str(tmp_path / "ray")), topk=4,
+                                            workers=1, teacher=spec))
+    local_info = build_cache(CacheBuildConfig(shards=shards.location, out=Location(str(tmp_path / "local")), topk=4,
+                                              workers=0, teacher=spec))
+    assert local_info == ray_info
+    names = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
