@@ -41,21 +41,24 @@ def _sync(device: str) -> None:
 
 
 def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: int, device: str,
-               size: int) -> tuple[float, float]:
+               size: int, augment: bool = True) -> tuple[float, float]:
+    """views/s and shard bytes per view of this loader, with the batch augmentation (``augment``) or
+    DALI's decode + crops alone."""
     if device == "cpu":  # DALI's `workers` threads decode and crop; the batch stage gets the main thread
         torch.set_num_threads(1)
     data = DataConfig(batch_size=batch, augment=AugmentConfig(image_size=size),
                       stream=StreamConfig(repeats=repeats, shuffle_buffer=256))
     loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers)
-    augment = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
+    batch_aug = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
+    step = batch_aug if augment else (lambda views, labels, rng: (views, labels))
     batches = iter(loader)
-    x, _ = augment(*(lambda b: (b.views, b.labels, b.rng))(next(batches)))  # warm-up: build, first reads
+    step(*(lambda b: (b.views, b.labels, b.rng))(next(batches)))  # warm-up: build, first reads
     _sync(device)
     start = time.perf_counter()
     done = 0
     while done < views:
         b = next(batches)
-        x, targets = augment(b.views, b.labels, b.rng)
+        x, targets = step(b.views, b.labels, b.rng)
         done += len(x)
     _sync(device)
     seconds = time.perf_counter() - start
@@ -63,7 +66,7 @@ def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: 
     return done / seconds, metrics.bytes_read / max(metrics.fetched, 1) / repeats
 
 
-class _PeerTransform:
+class PeerTransform:
     """timm's train transform, drawn again when it raises: timm's ``PosterizeIncreasing`` asks recent Pillow
     for 0 bits at magnitude >= 10 (~0.15% of images with m9-mstd0.5), which Pillow refuses with a
     ValueError that would end the peers' DataLoader (see `pipeline.randaugment`). Picklable (spawn)."""
@@ -87,7 +90,7 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
 
     if device == "cpu":
         torch.set_num_threads(workers)  # the main process mixes the batch; each worker process has 1 thread
-    transform = _PeerTransform(create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+    transform = PeerTransform(create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1))
     fs, root = shards.location.fs_and_path()
     urls = [f"{root}/{name}" for name in shards.shard_names.values()]

@@ -67,7 +67,7 @@ from trainer.tracking import NullTracker, Tracker, TrackingSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "build_teacher", "loss_config",
-           "train_step", "evaluate", "checkpoint"]
+           "train_step", "optimizer_step", "evaluate", "checkpoint"]
 
 LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
 
@@ -252,12 +252,19 @@ def train_step(p: Parts, batch: Batch) -> LossTerms:
     """One optimizer step on ``batch``: augment, teacher, student, loss, backward, clip, update, EMA."""
     p.schedule.apply(p.optimizer, p.step)
     aug = p.augment.apply(batch.views, batch.labels, batch.rng)
-    x, targets = aug.x, aug.targets
+    return optimizer_step(p, aug.x, aug.targets, batch, aug.mix)
+
+
+def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batch | None = None,
+                   mix: MixParams | None = None) -> LossTerms:
+    """The step on an augmented batch (``x`` normalised and mixed, ``targets`` soft): teacher, student,
+    loss, backward, clip, update, EMA. ``batch`` and ``mix`` are what a teacher cache needs (an online
+    teacher only looks at ``x``)."""
     with p.autocast:
         teacher_logits = None
         if p.teacher is not None:
             with torch.no_grad():
-                teacher_logits = p.teacher(x, batch, aug.mix)
+                teacher_logits = p.teacher(x, batch, mix)
         out = p.model(x)
     terms = distillation_loss(out, targets, teacher_logits, p.loss)
     p.optimizer.zero_grad(set_to_none=True)
@@ -495,7 +502,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
 class TeacherFn:
     """Distillation targets for a batch: ``(x, batch, mix) -> logits [N, C]``."""
 
-    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -505,7 +512,7 @@ class OnlineTeacher(TeacherFn):
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
         return self.model(x)
 
 
@@ -515,7 +522,9 @@ class CachedTeacher(TeacherFn):
     def __init__(self, cache: TeacherCache):
         self.cache = cache
 
-    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
+        if batch is None or mix is None:
+            raise ValueError("a teacher cache labels the views of a loader batch: pass the batch and its mix")
         return mixed(self.cache.logits(batch.rows, batch.boxes, x.device), mix.lam)
 
 
@@ -525,7 +534,7 @@ class _ConstantTeacher(TeacherFn):
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
 
-    def __call__(self, x: torch.Tensor, batch: Batch, mix: MixParams) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
         return self.logits
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 8's GPU benchmark on a lent GPU machine (no package registry, no Ray, no MLflow there), in the last
+# of a run of back-to-back device calls that carry DALI's wheel parts (the machine keeps /tmp while warm):
+#
+#   here, once:         bash ../shared/tools/dali-wheel-parts.sh          # -> .dali0 .. .daliN (52 MB each)
+#   device calls 0..N-1: carry [".daliK"], command: mkdir -p /tmp/parts && cp .daliK/* /tmp/parts/
+#   device call N:       carry [".daliN"], command: bash scripts/gpu_bench.sh .daliN [bench_gpu options]
+#
+# It installs DALI from the parts into /tmp/site (once per machine), runs `python -m trainer.bench_gpu`
+# and leaves the table in $OUT/BENCHMARKS-gpu.md (append it to BENCHMARKS.md) and the log beside it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+last=${1:-}
+shift || true
+mkdir -p /tmp/parts
+if [ -n "$last" ]; then cp "$last"/* /tmp/parts/; fi
+if ! python3 -c "import nvidia.dali" 2>/dev/null; then
+  if [ ! -d /tmp/site/nvidia/dali ]; then
+    rm -rf /tmp/w && mkdir -p /tmp/w
+    # shellcheck disable=SC2046
+    cat $(ls /tmp/parts/part* | sort) | tar xf - -C /tmp/w
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/w/*.whl
+  fi
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PYTHONPATH
+out=${OUT:-/tmp/bench-gpu-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true
+python3 -c "import nvidia.dali, torch; print('DALI', nvidia.dali.__version__, 'torch', torch.__version__)"
+python3 -m trainer.bench_gpu --write "$out/BENCHMARKS-gpu.md" "$@" 2>"$out/bench_gpu.log"

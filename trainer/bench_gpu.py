@@ -1,0 +1,479 @@
+"""``python -m trainer.bench_gpu``: issue 8's one-GPU benchmark, every row in one process and one run.
+
+No Ray and no MLflow: the GPU machines this project is lent have neither, and a row through Ray Train is
+``python -m trainer.bench``'s job. Each row builds the trainer's own pieces here (`trainer.worker`'s
+``Parts`` and ``train_step``, `pipeline.loader.TrainLoader`, the teacher cache) and times them as the
+trainer logs them: views (images x repeats) per second, and the data-wait fraction, the share of step
+time spent in ``next(batches)``. Weights are random, student and teacher: nothing is downloaded and step
+time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, ~100 KB; speed only).
+
+1. **model only**, per model (DeiT-Ti/S/B, DeiT-S/B distilled, CaiT-XXS24, CaiT-S24): one random uint8
+   batch kept on the device and the recipe's whole step (batch augmentation, forward, loss, backward,
+   optimizer; a distilled model gets constant teacher logits): img/s, MFU (the step's FLOPs counted by
+   torch's ``FlopCounterMode``, against the device's dense bf16 peak) and peak memory; eager, and for the
+   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d.
+2. **full pipeline**, DeiT-S and DeiT-B distilled: shards on local disk -> stream -> DALI -> batch
+   augmentation -> teacher -> step, repeats 3 and 1, with the cached teacher (RegNetY-16GF, built here
+   with ``teacher-cache build --workers 0``) and with the online one.
+3. **peers**: timm's ``create_transform`` with PIL in a torch DataLoader (one worker process per core)
+   reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
+4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
+   decode once -> 3 views.
+
+``--write BENCHMARKS.md`` appends the table with the date and the device's name. ``--quick`` is the
+CI-sized run (tiny steps and images: it checks that every row runs, not how fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MODELS", "PIPELINE_MODELS", "GOALS", "GpuRow", "peak_flops", "run_suite", "main"]
+
+MODELS = ("deit_ti", "deit_s", "deit_b", "deit_s_distill", "deit_b_distill", "cait_xxs24", "cait_s24")
+PIPELINE_MODELS = ("deit_s_distill", "deit_b_distill")
+# issue 8's goals on one H100 (img/s of the full pipeline with the cached teacher), data wait <= 5%
+GOALS = {"deit_s_distill": 4700.0, "deit_b_distill": 3000.0}
+MAX_DATA_WAIT = 0.05
+# dense bf16 tensor-core peaks (NVIDIA's datasheets; the sparse figures are twice these), by device name
+_PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800", 989.4e12), ("A100", 312e12),
+          ("L40S", 362e12), ("A10G", 125e12))
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name``), None if unknown."""
+    for key, value in _PEAKS:
+        if key in device_name:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    section: str
+    name: str
+    views_per_s: float | None
+    data_wait: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch: int  # views per step (per GPU)
+    steps: int
+    warmup: int
+    images: int  # generated JPEGs for the pipeline rows
+    size: int  # resolution of every recipe
+    teacher: str | None  # timm name replacing the recipes' RegNetY-16GF (tests), None: the recipe's
+    models: tuple[str, ...]
+    pipeline_models: tuple[str, ...]
+    compiled: tuple[str, ...]  # models also timed torch.compile'd
+    threads: int  # loader threads, DALI threads, peer DataLoader workers
+    overrides: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------- one row
+
+
+def _recipe(name: str, s: Settings) -> TrainConfig:
+    from trainer.overrides import apply_overrides
+    from trainer.recipes import get
+
+    config = get(name)
+    extra = [f"data.batch_size={s.batch}", "scaling.num_workers=1", f"scaling.use_gpu={torch.cuda.is_available()}",
+             f"model.img_size={s.size}", f"data.augment.image_size={s.size}", "model.pretrained_path=None"]
+    if config.distill.kind != "none":
+        extra += [f"distill.teacher.img_size={s.size}"] + ([f"distill.teacher.name={s.teacher}"] if s.teacher else [])
+    return apply_overrides(config, [*extra, *s.overrides])
+
+
+def _parts(config: TrainConfig, device: torch.device, teacher, steps_per_epoch: int, compile_model: bool):
+    """`trainer.worker.Parts` for one process, rank 0 of 1 (no DDP, no loader of its own)."""
+    from pipeline.batch_aug import BatchAugment
+    from trainer.optim import build_ema, build_optimizer, build_schedule
+    from trainer.tracking import NullTracker
+    from trainer.worker import Parts, RunOptions, loss_config
+
+    torch.manual_seed(config.runtime.seed)
+    model = config.model.build()
+    if config.model.distilled:
+        model.set_distilled_training(True)
+    model = model.to(device)
+    if config.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
+    optimizer = build_optimizer(model, config, schedule.peak, device)
+    return Parts(config, RunOptions(tracking_uri=""), 0, 1, device, model, optimizer, schedule,
+                 build_ema(model, config), teacher, BatchAugment(config.data.augment, config.data.mix,
+                                                                 config.model.num_classes),
+                 None, None, loss_config(config), NullTracker(), "")
+
+
+def _synthetic(config: TrainConfig, device: torch.device) -> Iterator:
+    """One random batch of the loader's shape and layout on the device, handed out at every step."""
+    from pipeline.loader import Batch, plan_batch
+    from pipeline.views import batch_rng
+
+    k = config.data.stream.repeats
+    n = plan_batch(config.data.batch_size, 1, k)
+    size = config.data.augment.image_size
+    g = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 256, (n * k, size, size, 3), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, config.model.num_classes, (n,), generator=g).repeat_interleave(k).to(device)
+    rows = np.repeat(np.arange(n), k)
+    step = 0
+    while True:
+        yield Batch(views.permute(0, 3, 1, 2), labels, [f"s{r}" for r in rows],
+                    torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n * k, 1), torch.zeros(n * k, dtype=torch.int32),
+                    step, batch_rng(0, 0, step), rows)
+        step += 1
+
+
+def _time(p, batches: Iterator, s: Settings, step=None) -> tuple[float, float, float | None]:
+    """(views/s, data-wait fraction, peak GiB) over ``s.steps`` steps after ``s.warmup``, as the trainer times."""
+    from trainer.worker import _Timer, train_step
+
+    step = step or (lambda batch: train_step(p, batch))
+    timer = _Timer()
+    cuda = p.device.type == "cuda"
+    for i in range(s.warmup + s.steps):
+        if i == s.warmup:
+            timer.measure(p.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(p.device)
+        batch = timer.wait(batches)
+        step(batch)
+        p.step += 1
+        timer.stepped(_views(batch))
+    timer.settle(p.device)
+    m = timer.measured
+    peak = torch.cuda.max_memory_allocated(p.device) / 2**30 if cuda else None
+    return m["views"] / m["step_s"], m["wait_s"] / m["step_s"], peak
+
+
+def _views(batch) -> int:
+    return len(batch.keys) if hasattr(batch, "keys") else len(batch[0])
+
+
+def _step_flops(p, batch) -> float:
+    """FLOPs of one whole train step (forward and backward of student and teacher), per view."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.worker import train_step
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(p, batch)
+    return counter.get_total_flops() / _views(batch)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _model_only(s: Settings, device: torch.device, peak: float | None) -> list[GpuRow]:
+    from trainer.worker import _ConstantTeacher
+
+    rows = []
+    for name in s.models:
+        flops = 0.0
+        for compiled in (False, True) if name in s.compiled else (False,):
+            config = _recipe(name, s)
+            teacher = None
+            if config.distill.kind != "none":
+                views = len(next(_synthetic(config, device)).keys)
+                teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
+            p = _parts(config, device, teacher, 1000, compiled)
+            batches = _synthetic(config, device)
+            if not compiled:  # counted on the eager step (the same mathematics compiled)
+                flops = _step_flops(p, next(batches))
+            rate, wait, mem = _time(p, batches, s)
+            mfu = rate * flops / peak if peak else None
+            rows.append(GpuRow("model only", f"{name}{' compiled' if compiled else ''}", rate, wait, mfu, mem,
+                               f"{config.model.name}, {flops / 1e9:.1f} GFLOP/view (step)"))
+            del p, batches
+            _free(device)
+    return rows
+
+
+def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str) -> list[GpuRow]:
+    from pipeline.loader import TrainLoader
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+    from trainer.worker import build_teacher
+
+    shards = ShardSet.open(Location(shards_url), "train")
+    data_device = "cpu" if device.type == "cpu" else str(device)
+    rows = []
+    for name in s.pipeline_models:
+        base = _recipe(name, s)
+        weights, cache = _random_teacher(base, shards_url, root / name)
+        for source in ("cache", "online"):
+            for repeats in (3, 1):
+                from trainer.overrides import apply_overrides
+
+                config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
+                                                f"distill.teacher.pretrained_path={weights}",
+                                                f"data.stream.repeats={repeats}", f"data.train_url={shards_url}",
+                                                f"data.val_url={shards_url}"])
+                teacher, _ = build_teacher(config, device, shards)
+                loader = TrainLoader(shards, config.data, 1, 0, data_device, threads=s.threads,
+                                     dali_threads=s.threads)
+                p = _parts(config, device, teacher, loader.steps_per_epoch, False)
+                rate, wait, mem = _time(p, iter(loader), s)
+                rows.append(GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}", rate, wait, None, mem,
+                                   "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> step"))
+                del p, loader, teacher
+                _free(device)
+        rows.append(_peers(s, device, base, weights, shards, name))
+    return rows
+
+
+def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str]:
+    """Random teacher weights saved under ``root`` and a cache of that teacher over the shards (no Ray)."""
+    from pipeline.storage import Location
+    from teacher_cache.build import CacheBuildConfig, build_cache
+    from teacher_cache.teacher import TeacherSpec
+
+    root.mkdir(parents=True, exist_ok=True)
+    t = config.distill.teacher
+    torch.manual_seed(0)
+    weights = root / "teacher-random.pth"
+    torch.save(t.build().state_dict(), weights)
+    started = time.perf_counter()
+    info = build_cache(CacheBuildConfig(shards=Location(shards_url), out=Location(str(root / "cache")), workers=0,
+                                        augment=config.data.augment,
+                                        teacher=TeacherSpec(t.name, str(weights), config.model.num_classes,
+                                                            t.img_size)))
+    log.info("bench_gpu: teacher cache of %s built in %.1f s (%d images, %d bytes/image)", t.name,
+             time.perf_counter() - started, info["num_samples"], info["bytes_per_image"])
+    return str(weights), str(root / "cache")
+
+
+class _ShardBytes(torch.utils.data.Dataset):
+    """The peers' dataset: each sample's JPEG bytes read from its shard file (as ImageFolder reads files),
+    decoded with PIL and put through timm's transform in the DataLoader's worker processes."""
+
+    def __init__(self, shards, transform):
+        fs, root = shards.location.fs_and_path()
+        self.paths = {i: f"{root}/{name}" for i, name in shards.shard_names.items()}
+        self.shard, self.offset, self.size = shards.shards, shards.offsets, shards.sizes
+        self.labels, self.transform = shards.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with open(self.paths[int(self.shard[i])], "rb") as handle:
+            handle.seek(int(self.offset[i]))
+            data = handle.read(int(self.size[i]))
+        return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), int(self.labels[i])
+
+
+def _peers(s: Settings, device: torch.device, base: TrainConfig, weights: str, shards, name: str) -> GpuRow:
+    """The DeiT reference code's way: timm transforms + PIL DataLoader, timm Mixup, online teacher."""
+    from timm.data import Mixup, create_transform
+
+    from pipeline.bench_stream import PeerTransform
+    from trainer.overrides import apply_overrides
+    from trainer.worker import build_teacher, optimizer_step
+
+    config = apply_overrides(base, ["distill.source=online", f"distill.teacher.pretrained_path={weights}",
+                                    "data.stream.repeats=1"])
+    a, m = config.data.augment, config.data.mix
+    transform = PeerTransform(create_transform(a.image_size, is_training=True, auto_augment=a.auto_augment,
+                                               interpolation=a.interpolation, re_prob=a.reprob, re_mode=a.remode,
+                                               re_count=a.recount))
+    loader = torch.utils.data.DataLoader(_ShardBytes(shards, transform), batch_size=config.data.batch_size,
+                                         shuffle=True, num_workers=s.threads, drop_last=True, pin_memory=True,
+                                         persistent_workers=True, prefetch_factor=4,
+                                         multiprocessing_context="spawn")  # no fork after DALI's threads
+    mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob,
+                  label_smoothing=m.label_smoothing, num_classes=config.model.num_classes)
+    teacher, _ = build_teacher(config, device, shards)
+    p = _parts(config, device, teacher, 1000, False)
+
+    def batches() -> Iterator:
+        while True:
+            yield from loader
+
+    def step(batch) -> None:
+        x, y = batch
+        x, targets = mixup(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        p.schedule.apply(p.optimizer, p.step)
+        optimizer_step(p, x.contiguous(memory_format=torch.channels_last), targets)
+
+    rate, wait, mem = _time(p, batches(), s, step)
+    return GpuRow("peers", f"{name}, online teacher, timm+PIL", rate, wait, None, mem,
+                  f"timm create_transform + PIL, DataLoader with {s.threads} worker processes, timm Mixup")
+
+
+def _dali_alone(s: Settings, device: torch.device, shards_url: str) -> list[GpuRow]:
+    from pipeline.bench_stream import bench_dali
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+
+    shards = ShardSet.open(Location(shards_url), "train")
+    views = s.batch * (s.steps + s.warmup)
+    dev = "cpu" if device.type == "cpu" else str(device)
+    rows = []
+    for label, repeats, augment in (("decode + RRC", 1, False), ("decode + RRC + batch augmentation", 1, True),
+                                    ("decode once -> 3 RRC views", 3, False),
+                                    ("decode once -> 3 views + batch augmentation", 3, True)):
+        rate, per_view = bench_dali(shards, s.batch, repeats, s.threads, views, dev, s.size, augment=augment)
+        rows.append(GpuRow("DALI alone", label, rate, note=f"{per_view / 1e3:.1f} KB of shards read per view"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return rows
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+
+def run_suite(s: Settings) -> tuple[str, list[GpuRow]]:
+    from trainer.bench import synthetic_shards
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores), no GPU"
+    peak = peak_flops(name) if cuda else None
+    rows: list[GpuRow] = []
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        root = Path(tmp)
+        rows += _model_only(s, device, peak)
+        classes = _recipe(s.pipeline_models[0], s).model.num_classes if s.pipeline_models else 1000
+        shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
+        rows += _pipeline(s, device, root, shards_url)
+        rows += _dali_alone(s, device, shards_url)
+    numerics = "bf16 autocast" if cuda else "fp32 (no GPU)"
+    title = (f"trainer.bench_gpu on {name}: batch {s.batch} views per step, {s.steps} steps timed after {s.warmup}, "
+             f"{s.size} px, {numerics}; data: {origin}; "
+             f"{s.threads} loader / DALI threads and peer workers; random weights")
+    return title, rows
+
+
+def table(title: str, rows: Sequence[GpuRow]) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [title, "", "| section | row | views/s | data wait | MFU | peak GiB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for r in rows:
+        lines.append(f"| {r.section} | {r.name} | {fmt(r.views_per_s, ',.0f')} | {pct(r.data_wait)} | {pct(r.mfu)} | "
+                     f"{fmt(r.peak_gib, '.1f')} | {r.note} |")
+    lines += ["", *verdicts(rows)]
+    return "\n".join(lines)
+
+
+def verdicts(rows: Sequence[GpuRow]) -> list[str]:
+    """Issue 8's goals, and ratios against baselines of the same run."""
+    by_name = {r.name: r for r in rows}
+    out = ["| ratio or goal | value | target | verdict |", "| --- | ---: | ---: | --- |"]
+
+    def line(what: str, value: float | None, target: float | None, higher: bool = True, spec: str = ".2f") -> None:
+        if value is None:
+            return
+        verdict = "-" if target is None else ("met" if (value >= target if higher else value <= target) else "missed")
+        goal = "-" if target is None else ("" if higher else "<= ") + format(target, spec)
+        out.append(f"| {what} | {format(value, spec)} | {goal} | {verdict} |")
+
+    for name, goal in GOALS.items():
+        full = by_name.get(f"{name}, cache teacher, x3")
+        model = by_name.get(name)
+        peer = by_name.get(f"{name}, online teacher, timm+PIL")
+        if full is None:
+            continue
+        line(f"{name}: full pipeline, cached teacher, img/s (issue 8 goal, one H100)", full.views_per_s, goal,
+             spec=",.0f")
+        line(f"{name}: its data wait", full.data_wait, MAX_DATA_WAIT, higher=False, spec=".1%")
+        if model is not None:
+            line(f"{name}: full pipeline (cache, x3) / model only", full.views_per_s / model.views_per_s, 0.95)
+        if peer is not None:
+            line(f"{name}: full pipeline (cache, x3) / peers' stack", full.views_per_s / peer.views_per_s, None)
+    for name in ("cait_xxs24", "cait_s24"):
+        eager, compiled = by_name.get(name), by_name.get(f"{name} compiled")
+        if eager is not None and compiled is not None:
+            line(f"{name}: compiled / timm eager step", compiled.views_per_s / eager.views_per_s, 2.0)
+    return out
+
+
+def write(path: str, text: str, device: str) -> None:
+    """Append the table to ``path`` (BENCHMARKS.md) under a heading with the date and the device."""
+    today = datetime.date.today().isoformat()
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"\n## `python -m trainer.bench_gpu` ({today}, {device})\n\n{text}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.bench_gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every recipe")
+    p.add_argument("--batch", type=int, default=256, help="views per step (default 256)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--images", type=int, default=3072, help="generated JPEGs for the pipeline rows")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--pipeline-models", default=",".join(PIPELINE_MODELS))
+    p.add_argument("--teacher", help="timm model in place of the recipes' teacher (default: the recipe's)")
+    p.add_argument("--compile", default="deit_s,cait_xxs24,cait_s24", metavar="MODELS",
+                   help="models whose model-only step is also timed torch.compile'd ('' for none; ~1 min each)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--write", metavar="PATH", help="append the table to this file (BENCHMARKS.md)")
+    p.add_argument("--quick", action="store_true", help="CI size: checks that every row runs, not its speed")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = _parser().parse_args(argv)
+    s = Settings(batch=args.batch, steps=args.steps, warmup=args.warmup, images=args.images, size=args.size,
+                 teacher=args.teacher, models=tuple(m for m in args.models.split(",") if m),
+                 pipeline_models=tuple(m for m in args.pipeline_models.split(",") if m),
+                 compiled=tuple(m for m in args.compile.split(",") if m),
+                 threads=args.threads, overrides=tuple(args.overrides))
+    if args.quick:
+        s = replace(s, batch=6, steps=2, warmup=1, images=24, size=32, teacher=s.teacher or "resnet10t",
+                    threads=min(s.threads, 2), compiled=())
+    title, rows = run_suite(s)
+    text = table(title, rows)
+    print(text)
+    if args.write:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU, no GPU"
+        write(args.write, text, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
