@@ -95,6 +95,10 @@ class DataConfig:
 
     train_url: str = ""
     val_url: str = ""
+    # extra evaluation (DeiT Table 5's "ReaL" and "V2" columns): ReaL's real.json for the val split, and
+    # ImageNet-V2 shards (split "val", built with --classes ["0", ..., "999"]); "": not evaluated
+    real_labels: str = ""
+    v2_url: str = ""
     batch_size: int = 1024  # global, in views (DeiT Table 9)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig = field(default_factory=MixConfig)

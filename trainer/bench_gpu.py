@@ -107,27 +107,9 @@ def _recipe(name: str, s: Settings) -> TrainConfig:
 
 
 def _parts(config: TrainConfig, device: torch.device, teacher, steps_per_epoch: int, compile_model: bool):
-    """`trainer.worker.Parts` for one process, rank 0 of 1 (no DDP, no loader of its own)."""
-    from pipeline.batch_aug import BatchAugment
-    from trainer.optim import build_ema, build_optimizer, build_schedule
-    from trainer.tracking import NullTracker
-    from trainer.worker import Parts, RunOptions, loss_config
+    from trainer.worker import local_parts
 
-    torch.manual_seed(config.runtime.seed)
-    model = config.model.build()
-    if config.model.distilled:
-        model.set_distilled_training(True)
-    model = model.to(device)
-    if config.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model = torch.compile(model)
-    schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
-    optimizer = build_optimizer(model, config, schedule.peak, device)
-    return Parts(config, RunOptions(tracking_uri=""), 0, 1, device, model, optimizer, schedule,
-                 build_ema(model, config), teacher, BatchAugment(config.data.augment, config.data.mix,
-                                                                 config.model.num_classes),
-                 None, None, loss_config(config), NullTracker(), "")
+    return local_parts(config, device, teacher, steps_per_epoch=steps_per_epoch, compile_model=compile_model)
 
 
 def _synthetic(config: TrainConfig, device: torch.device) -> Iterator:

@@ -96,7 +96,10 @@ def preflight(config: TrainConfig) -> None:
     from pipeline.manifest import DatasetError, read_info
     from pipeline.storage import Location
 
-    for url, split in ((config.data.train_url, "train"), (config.data.val_url, "val")):
+    sets = [(config.data.train_url, "train"), (config.data.val_url, "val")]
+    if config.data.v2_url:
+        sets.append((config.data.v2_url, "val"))
+    for url, split in sets:
         info = read_info(Location(url), split)
         if info.num_classes != config.model.num_classes:
             raise DatasetError(
@@ -109,6 +112,10 @@ def preflight(config: TrainConfig) -> None:
             continue
         if path and "://" not in path and not os.path.exists(path):
             raise DatasetError(f"{field_name}={path}: no such file or folder")
+    if config.data.real_labels:
+        from trainer.real_labels import load_real_labels
+
+        load_real_labels(config.data.real_labels, Location(config.data.val_url), config.model.num_classes)
     if config.distill.kind != "none" and config.distill.source == "cache":
         from pipeline.stream import ShardSet
         from trainer.worker import build_teacher

@@ -62,12 +62,13 @@ from trainer.config import TrainConfig
 from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
 from trainer.optim import LRSchedule, build_ema, build_optimizer, build_schedule, clip_gradients, unwrap
 from trainer.overrides import apply_overrides, flatten
+from trainer.real_labels import RealLabels, load_real_labels
 from trainer.tracking import NullTracker, Tracker, TrackingSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "build_teacher", "loss_config",
-           "train_step", "optimizer_step", "evaluate", "checkpoint"]
+__all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "local_parts", "build_teacher",
+           "loss_config", "train_step", "optimizer_step", "evaluate", "checkpoint"]
 
 LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
 
@@ -144,6 +145,8 @@ class Parts:
     history: list[dict[str, float]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    real_labels: RealLabels | None = None  # ReaL labels of the val split (data.real_labels)
+    v2_loader: EvalLoader | None = None  # ImageNet-V2 (data.v2_url)
 
     @property
     def autocast(self) -> torch.autocast:
@@ -278,15 +281,24 @@ def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batc
 
 @torch.no_grad()
 def evaluate(p: Parts) -> dict[str, float]:
-    """Top-1 / top-5 on the val split, summed over ranks: class head, and for distilled models the
+    """Top-1 / top-5 on the val split (``eval/``, with ReaL labels when given: ``eval/real_top1``) and on
+    ImageNet-V2 when given (``eval_v2/``), summed over ranks: class head, and for distilled models the
     distillation head and DeiT's fused classifier (softmax sum of both heads)."""
+    out = _evaluate(p, p.eval_loader, "eval", p.real_labels)
+    if p.v2_loader is not None:
+        out.update(_evaluate(p, p.v2_loader, "eval_v2", None))
+    return out
+
+
+def _evaluate(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None) -> dict[str, float]:
     model = unwrap(p.model)
     was_training = model.training
     model.eval()
     distilled = p.config.model.distilled
     heads = ("cls", "dist", "fused") if distilled else ("cls",)
-    sums = torch.zeros(len(heads) * 2 + 1, dtype=torch.float64)
-    for images, labels, _keys in p.eval_loader:
+    # per head: top-1, top-5, ReaL top-1, ReaL top-5; then the sample count and the ReaL-labelled count
+    sums = torch.zeros(len(heads) * 4 + 2, dtype=torch.float64)
+    for images, labels, keys in loader:
         x = normalize(images, p.config.data.augment).contiguous(memory_format=torch.channels_last)
         labels = labels.to(p.device)
         with p.autocast:
@@ -299,17 +311,28 @@ def evaluate(p: Parts) -> dict[str, float]:
         n = labels.shape[0]
         for i, logits in enumerate(outputs):
             acc = topk_accuracy(logits.float(), labels, (1, 5))
-            sums[2 * i] += acc[1] * n / 100.0
-            sums[2 * i + 1] += acc[5] * n / 100.0
-        sums[-1] += n
+            sums[4 * i] += acc[1] * n / 100.0
+            sums[4 * i + 1] += acc[5] * n / 100.0
+            if real is not None:
+                (hit1, hit5), counted = real.hits(logits.float(), keys)
+                sums[4 * i + 2] += hit1
+                sums[4 * i + 3] += hit5
+                if i == 0:
+                    sums[-1] += counted
+        sums[-2] += n
     model.train(was_training)
     sums = _all_reduce_sum(sums)
-    count = max(float(sums[-1]), 1.0)
-    names = {"cls": "eval/", "dist": "eval/dist_", "fused": "eval/fused_"}
-    out = {"eval/samples": float(sums[-1])}
+    count, labelled = max(float(sums[-2]), 1.0), max(float(sums[-1]), 1.0)
+    names = {"cls": f"{prefix}/", "dist": f"{prefix}/dist_", "fused": f"{prefix}/fused_"}
+    out = {f"{prefix}/samples": float(sums[-2])}
     for i, head in enumerate(heads):
-        out[f"{names[head]}top1"] = float(sums[2 * i]) * 100.0 / count
-        out[f"{names[head]}top5"] = float(sums[2 * i + 1]) * 100.0 / count
+        out[f"{names[head]}top1"] = float(sums[4 * i]) * 100.0 / count
+        out[f"{names[head]}top5"] = float(sums[4 * i + 1]) * 100.0 / count
+        if real is not None:
+            out[f"{names[head]}real_top1"] = float(sums[4 * i + 2]) * 100.0 / labelled
+            out[f"{names[head]}real_top5"] = float(sums[4 * i + 3]) * 100.0 / labelled
+    if real is not None:
+        out[f"{prefix}/real_samples"] = float(sums[-1])
     return out
 
 
@@ -482,10 +505,17 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     teacher, teacher_tags = build_teacher(config, device, train_shards)
     eval_batch = max(1, config.data.batch_size // world)
     eval_loader = EvalLoader(val_shards, config.data, eval_batch, world, rank, data_device, options.dali_threads)
+    v2_loader = None
+    if config.data.v2_url:
+        v2_loader = EvalLoader(ShardSet.open(Location(config.data.v2_url), "val"), config.data, eval_batch, world,
+                               rank, data_device, options.dali_threads)
+    real = None
+    if config.data.real_labels:
+        real = load_real_labels(config.data.real_labels, val_shards.location, config.model.num_classes)
     tracker = _tracker(config, options, rank, train_shards.fingerprint, teacher_tags, restored)
     p = Parts(config, options, rank, world, device, model, optimizer, schedule, ema, teacher,
               BatchAugment(config.data.augment, config.data.mix, config.model.num_classes), loader, eval_loader,
-              loss_config(config), tracker, train_shards.fingerprint)
+              loss_config(config), tracker, train_shards.fingerprint, real_labels=real, v2_loader=v2_loader)
     if restored is not None:
         p.step = p.restored_from = restored.step
     # the seed of this rank's stochastic layers (drop path) and erasing noise, DeiT's seed + rank
@@ -497,6 +527,27 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
                  config.model.name, schedule.total_steps, loader.steps_per_epoch, batch, schedule.peak, device,
                  f"step {p.step}" if restored is not None else "scratch")
     return p
+
+
+def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | None = None,
+                loader: TrainLoader | None = None, eval_loader: EvalLoader | None = None, steps_per_epoch: int = 1000,
+                compile_model: bool = False) -> Parts:
+    """Parts for one process without Ray (rank 0 of 1, no DDP, no tracking, nothing restored): the GPU
+    benchmark and tests build the same step and evaluation as a worker does."""
+    torch.manual_seed(config.runtime.seed)
+    model = config.model.build()
+    if config.model.distilled:
+        model.set_distilled_training(True)
+    model = model.to(device)
+    if config.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
+    optimizer = build_optimizer(model, config, schedule.peak, device)
+    return Parts(config, RunOptions(), 0, 1, device, model, optimizer, schedule, build_ema(model, config), teacher,
+                 BatchAugment(config.data.augment, config.data.mix, config.model.num_classes), loader, eval_loader,
+                 loss_config(config), NullTracker(), "")
 
 
 class TeacherFn:
