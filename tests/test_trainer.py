@@ -210,6 +210,7 @@ def _config(digits: str, teacher_file: str) -> TrainConfig:
     return apply_overrides(recipes.get("demo_deit_tiny_distill"), [
         f"data.train_url={digits}", f"data.val_url={digits}", "schedule.epochs=2", "checkpoint.every_n_steps=4",
         "checkpoint.keep=3", "tracking.log_every_n_steps=2", "tracking.experiment=test-trainer",
+        "tracking.system_metrics_every_s=1",
         f"distill.teacher.pretrained_path={teacher_file}",
     ])
 
@@ -310,6 +311,10 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
     assert {"data_wait_frac", "img_per_s", "lr", "loader/substituted"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.json" in artifacts
+    plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert set(plots) == {"plots/training.png", "plots/throughput.png"} and min(plots.values()) > 5000
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
     assert [m.name for m in models] == ["model"]  # the final student, mlflow.pytorch.log_model
     assert (reference.run_dir / "tracking.json").is_file()

@@ -274,6 +274,9 @@ class TrackingConfig:
     experiment: str = "distillery"
     run_name: str = ""  # "": the recipe's name
     tracking_uri: str = ""  # "": MLflow's default (./mlruns)
+    # MLflow's system metrics (CPU, memory, disk, network; GPUs through NVML) from rank 0's node every
+    # this many seconds; 0 turns them off
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass(frozen=True)

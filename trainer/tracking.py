@@ -14,7 +14,9 @@ restart are logged again for the same step numbers.
 
 What is logged: params = the flattened resolved config (``checkpoint.safe_config``: no credentials);
 tags = code version, Ray job id, dataset fingerprint, teacher identity (whatever the caller passes);
-the config as ``config.json``; metrics with their step; the final model with ``mlflow.pytorch.log_model``.
+the config as ``config.json``; metrics with their step; MLflow's system metrics (``system/...``, every
+``system_metrics_every_s``); at the end the training-curve and throughput plots (`PLOTS`, from the run's
+whole history on the server) and the final model with ``mlflow.pytorch.log_model``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ class TrackingSpec:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     resumed_at_step: int | None = None
+    system_metrics_every_s: float = 0.0  # MLflow's system metrics monitor; 0: off
+    plots: bool = True  # training-curve and throughput plots as artifacts at the end
+
+
+# the plots made at the end from the run's whole metric history (every attempt of a resumed run)
+PLOTS = {
+    "plots/training.png": (("loss", "loss_base", "loss_distill"), ("lr",), ("eval/top1", "eval/fused_top1")),
+    "plots/throughput.png": (("img_per_s",), ("data_wait_frac",), ()),
+}
 
 
 class NullTracker:
@@ -103,6 +114,7 @@ class Tracker(NullTracker):
         self._created: str | None = None  # the run this tracker created (its params go once)
         self._params_sent = False
         self._down_since: float | None = None
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor, once the run exists
         self._next_try = 0.0
         self._delay = retry_s
         # Bounded HTTP behaviour for this process's MLflow client (MLflow's defaults: 7 retries, 120 s).
@@ -165,6 +177,10 @@ class Tracker(NullTracker):
                 self._model = payload
             if kind == "end":
                 self._flush(force=True)
+                if self._monitor is not None:
+                    self._attempt(self._monitor.finish, "stop the system metrics")
+                if self.run_id is not None and self._settled() and self.spec.plots:
+                    self._attempt(self._send_plots, "log the plots")
                 if self.run_id is not None and self._settled():
                     self._attempt(lambda s=payload: self._client.set_terminated(self.run_id, status=s),
                                   "end the run")
@@ -261,6 +277,59 @@ class Tracker(NullTracker):
             client.log_text(run_id, json.dumps(spec.params, indent=1), "config.json")
             self._params_sent = True
         self._client, self.run_id = client, run_id
+        if spec.system_metrics_every_s > 0 and self._monitor is None:
+            self._start_monitor(run_id, resume=not self._created)
+
+    def _start_monitor(self, run_id: str, resume: bool) -> None:
+        """MLflow's system metrics (``system/...``) on their own thread; one that fails only warns. It
+        stops by itself when the server is unreachable (the training metrics are held, these are not)."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=self.spec.system_metrics_every_s,
+                                           resume_logging=resume, tracking_uri=self.spec.tracking_uri)
+            monitor.start()
+            self._monitor = monitor
+        except Exception as exc:  # psutil or NVML missing, or the server: never a reason to stop training
+            log.warning("MLflow system metrics are off: %s: %s", type(exc).__name__, exc)
+
+    def _send_plots(self) -> None:
+        """`PLOTS` from the run's metric history on the server: each is (left-axis metrics, right-axis
+        metrics, metrics on a second panel) against the step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def history(key: str) -> tuple[list[int], list[float]]:
+            points = sorted((m.step, m.timestamp, m.value) for m in self._client.get_metric_history(self.run_id, key))
+            latest = {step: value for step, _, value in points}  # steps trained again after a restart: the last
+            return list(latest), list(latest.values())
+
+        for path, (left, right, below) in PLOTS.items():
+            fig, axes = plt.subplots(2 if below else 1, 1, figsize=(8, 6 if below else 3.5), squeeze=False)
+            ax = axes[0][0]
+            for key in left:
+                ax.plot(*history(key), label=key)
+            twin = ax.twinx() if right else None
+            for key in right:
+                twin.plot(*history(key), label=key, color="tab:gray", linestyle="--")
+            ax.set_xlabel("step")
+            ax.legend(loc="upper left", fontsize="small")
+            if twin is not None:
+                twin.legend(loc="upper right", fontsize="small")
+            if below:
+                for key in below:
+                    axes[1][0].plot(*history(key), marker="o", label=key)
+                axes[1][0].set_xlabel("step")
+                axes[1][0].set_ylabel("top-1 (%)")
+                axes[1][0].legend(fontsize="small")
+            fig.suptitle(f"{self.spec.run_name}: {path.split('/')[-1].removesuffix('.png')}")
+            fig.tight_layout()
+            try:
+                self._client.log_figure(self.run_id, fig, path)
+            finally:
+                plt.close(fig)
 
     def _existing_run_id(self, client: Any) -> str | None:
         """The run to continue: the one named in the run folder's RUN_FILE, else the checkpoint's."""

@@ -386,6 +386,10 @@ def _log(p: Parts, terms: LossTerms, timing: dict[str, float]) -> None:
         "epoch": p.step / p.loader.steps_per_epoch,
         **{f"loader/{k}": float(v) for k, v in zip(LOADER_METRICS, values[4:].tolist(), strict=True)},
     }
+    if p.device.type == "cuda":  # rank 0's GPU: what is held now, and the high-water mark of the interval
+        metrics["gpu_mem_gib"] = torch.cuda.memory_allocated(p.device) / 2**30
+        metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(p.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(p.device)
     p.history.append({"step": float(p.step), **metrics})
     p.tracker.log_metrics(metrics, p.step)
     if p.rank == 0:
@@ -668,6 +672,7 @@ def _tracker(config: TrainConfig, options: RunOptions, rank: int, fingerprint: s
         known_run_id=restored.extra.get("mlflow_run_id") if restored is not None else None,
         params=safe_config(config), tags={k: v for k, v in tags.items() if v},
         resumed_at_step=restored.step if restored is not None else None,
+        system_metrics_every_s=config.tracking.system_metrics_every_s,
     )
     return Tracker(spec)
 
