@@ -73,17 +73,19 @@ def draw_erase_boxes(rng: np.random.Generator, n: int, height: int, width: int, 
     return np.stack([top, left, h, w], axis=1)
 
 
-def random_erase(x: torch.Tensor, boxes: np.ndarray, per_box: bool | None = None) -> torch.Tensor:
+def random_erase(x: torch.Tensor, boxes: np.ndarray, per_box: bool | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill each box with per-pixel standard-normal noise (timm's 'pixel' mode), in place; returns ``x``.
 
     The noise is drawn in one call, only for the erased pixels (their count is known on the host, so no
     device sync), and laid out box after box in image order, each box as [C, h, w]. On a GPU one masked
     scatter writes every box at once; on a CPU each box is written as a slice (a mask over the whole
-    batch costs more than the ~25% of images erased). Both give the same tensor; ``per_box`` picks one."""
+    batch costs more than the ~25% of images erased). Both give the same tensor; ``per_box`` picks one.
+    ``generator`` (on x's device) draws the noise; None: torch's global generator."""
     erased = int((boxes[:, 2] * boxes[:, 3]).sum()) * x.shape[1]
     if erased == 0:
         return x
-    noise = torch.randn(erased, device=x.device, dtype=x.dtype)
+    noise = torch.randn(erased, device=x.device, dtype=x.dtype, generator=generator)
     n, c, height, width = x.shape
     if x.device.type == "cpu" if per_box is None else per_box:
         offset = 0
@@ -155,6 +157,13 @@ def _from_image_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.view(n, c, h, w)
 
 
+def _noise_generator(rng: np.random.Generator, device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded from the step's generator: the erasing noise of a step is
+    fixed by (seed, rank, step) alone, whatever ran before it (a teacher's look-ahead augments the next
+    batch before this step's backward pass) and however a resumed run restores torch's global RNG."""
+    return torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
+
+
 @dataclass
 class AugmentedBatch:
     x: torch.Tensor  # normalised, augmented, mixed views [N,3,S,S], channels_last
@@ -193,7 +202,8 @@ class BatchAugment:
             views = self.rand_augment.apply(views, self.rand_augment.draw(rng, n))
         x = normalize(views, self.cfg, torch.float32)  # a fresh tensor: the steps below work in place
         if self.cfg.reprob > 0:
-            x = random_erase(x, draw_erase_boxes(rng, n, height, width, self.cfg.reprob))
+            boxes = draw_erase_boxes(rng, n, height, width, self.cfg.reprob)
+            x = random_erase(x, boxes, generator=_noise_generator(rng, x.device))
         params = draw_mix(rng, self.mix_cfg, height, width)
         if self.mix_cfg.enabled:
             if n % 2:

@@ -413,3 +413,47 @@ def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path: Path, d
     again = run(config, storage_path=str(tmp_path / "storage"), name="corrupt", options=options)
     assert again.return_value["restored_from"] == 4 and again.metrics["step"] == 6
     assert [h["step"] for h in again.return_value["history"]] == [6]  # steps 4, 5 trained again; logged at 6
+
+
+@dali
+@pytest.mark.slow
+def test_remote_teacher_actors_give_the_online_teachers_training(reference: Ran, tmp_path: Path, digits: str,
+                                                                  teacher_file: str) -> None:
+    """distill.source=remote: the teacher runs in a Ray actor shared by both workers, fed one step ahead;
+    the run trains on the same labels, so its losses are the online teacher's run's, step for step."""
+    from trainer.run import run
+
+    config = apply_overrides(_config(digits, teacher_file), ["distill.source=remote", "distill.remote_actors=1"])
+    result = run(config, storage_path=str(tmp_path / "storage"), name="remote",
+                 options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1))
+    ours = [(h["step"], h["loss"], h["loss_distill"]) for h in result.return_value["history"]]
+    theirs = [(h["step"], h["loss"], h["loss_distill"]) for h in reference.result.return_value["history"]]
+    assert [s for s, _, _ in ours] == [s for s, _, _ in theirs]
+    for (step, loss, distill), (_, ref_loss, ref_distill) in zip(ours, theirs, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-4) and distill == pytest.approx(ref_distill, rel=1e-4), step
+    assert result.metrics["eval/fused_top1"] == pytest.approx(reference.result.metrics["eval/fused_top1"], abs=1.01)
+
+
+@dali
+def test_remote_teacher_logits_equal_the_online_teachers(teacher_file: str, local_ray: Any) -> None:
+    import torch
+
+    from trainer.remote_teacher import RemoteTeacher
+    from trainer.worker import OnlineTeacher, build_teacher
+
+    config = apply_overrides(recipes.get("demo_deit_tiny_distill"),
+                             [f"distill.teacher.pretrained_path={teacher_file}", "distill.source=remote"])
+    remote, tags = build_teacher(config, torch.device("cpu"), run_name="unit")
+    assert isinstance(remote, RemoteTeacher) and len(tags["teacher.sha256"]) == 64
+    online, online_tags = build_teacher(apply_overrides(config, ["distill.source=online"]), torch.device("cpu"))
+    assert isinstance(online, OnlineTeacher) and online_tags["teacher.sha256"] == tags["teacher.sha256"]
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = online(x, None, None)
+    remote.submit(x, step=3)
+    from pipeline.loader import Batch
+
+    batch = Batch(x, torch.zeros(6), [""] * 6, torch.zeros(6, 4), torch.zeros(6), 3, None, None)
+    assert torch.allclose(remote(x, batch, None), expected, atol=1e-5)  # the one sent ahead for step 3
+    assert torch.allclose(remote(x, None, None), expected, atol=1e-5)  # and one sent on the spot
+    assert not remote._pending

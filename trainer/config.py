@@ -48,12 +48,12 @@ __all__ = [
 
 OptimizerName = Literal["adamw", "lamb", "sgd"]
 DistillKind = Literal["none", "soft", "hard"]
-TeacherSource = Literal["cache", "online"]
+TeacherSource = Literal["cache", "online", "remote"]
 LossBase = Literal["ce", "bce"]
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lamb", "sgd")
 DISTILL_KINDS: tuple[str, ...] = ("none", "soft", "hard")
-TEACHER_SOURCES: tuple[str, ...] = ("cache", "online")
+TEACHER_SOURCES: tuple[str, ...] = ("cache", "online", "remote")
 LOSS_BASES: tuple[str, ...] = ("ce", "bce")
 
 # The RegNetY-16GF teacher of DeiT sec. 5.2 ("the default teacher is a RegNetY-16GF ... 82.9% top-1"),
@@ -221,7 +221,8 @@ class DistillConfig:
     * ``teacher``: a ``ModelConfig``; its ``img_size`` is the teacher's resolution and its
       ``pretrained_path`` the teacher's weights (file or URL).
     * ``source``: ``"online"`` runs the teacher on the student's (mixed) batch, as the paper does;
-      ``"cache"`` reads precomputed teacher outputs (``teacher_cache/``).
+      ``"cache"`` reads precomputed teacher outputs (``teacher_cache/``); ``"remote"`` runs the online
+      teacher in ``remote_actors`` Ray actors on other GPUs (same labels, off the student's GPU).
     """
 
     kind: DistillKind = "none"
@@ -232,6 +233,9 @@ class DistillConfig:
     alpha: float = 0.1  # lambda of DeiT eq. 2, sec. 6 (released code default: 0.5; we follow the paper)
     source: TeacherSource = "online"
     cache_url: str = ""  # with source="cache": the folder `teacher-cache build --out` wrote
+    # with source="remote": the online teacher in this many Ray actors (a GPU each when scaling.use_gpu),
+    # shared by the run's workers, fed one step ahead (`trainer.remote_teacher`)
+    remote_actors: int = 1
 
 
 @dataclass(frozen=True)
@@ -525,7 +529,9 @@ def _distill_problems(c: TrainConfig) -> list[str]:
                 f"distill.teacher.num_classes={d.teacher.num_classes} != model.num_classes="
                 f"{c.model.num_classes}: the teacher must predict the student's classes"
             )
-        if d.source == "online" and d.teacher.img_size != c.data.augment.image_size:
+        if d.source == "remote" and d.remote_actors < 1:
+            out.append(f"distill.remote_actors={d.remote_actors}: must be >= 1 (teacher actors)")
+        if d.source in ("online", "remote") and d.teacher.img_size != c.data.augment.image_size:
             out.append(
                 f"distill.teacher.img_size={d.teacher.img_size} != data.augment.image_size="
                 f"{c.data.augment.image_size}: an online teacher sees the student's batch; set the same "

@@ -63,6 +63,7 @@ from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse
 from trainer.optim import LRSchedule, build_ema, build_optimizer, build_schedule, clip_gradients, unwrap
 from trainer.overrides import apply_overrides, flatten
 from trainer.real_labels import RealLabels, load_real_labels
+from trainer.remote_teacher import Prepared, RemoteTeacher, lookahead
 from trainer.tracking import NullTracker, Tracker, TrackingSpec
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
     p = build(config, options, ctx.get_world_rank(), ctx.get_world_size())
     p.timing["build_s"] = time.time() - started
     batches = _batches(p)
+    if isinstance(p.teacher, RemoteTeacher):  # batch i+1 goes to the teacher actors before step i runs
+        batches = lookahead(batches, p.augment, p.teacher)
     timer = _Timer()
     last = p.options.bench["warmup"] + p.options.bench["steps"] if p.options.bench else p.schedule.total_steps
     while p.step < last:
@@ -251,10 +254,14 @@ class _Timer:
         return out
 
 
-def train_step(p: Parts, batch: Batch) -> LossTerms:
-    """One optimizer step on ``batch``: augment, teacher, student, loss, backward, clip, update, EMA."""
+def train_step(p: Parts, batch: Batch | Prepared) -> LossTerms:
+    """One optimizer step on ``batch``: augment (unless a look-ahead did), teacher, student, loss, backward,
+    clip, update, EMA."""
     p.schedule.apply(p.optimizer, p.step)
-    aug = p.augment.apply(batch.views, batch.labels, batch.rng)
+    if isinstance(batch, Prepared):
+        aug, batch = batch.aug, batch.batch
+    else:
+        aug = p.augment.apply(batch.views, batch.labels, batch.rng)
     return optimizer_step(p, aug.x, aug.targets, batch, aug.mix)
 
 
@@ -506,7 +513,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
         optimizer.load_state_dict(restored.optimizer)
         if ema is not None and restored.ema is not None:
             ema.module.load_state_dict(restored.ema)
-    teacher, teacher_tags = build_teacher(config, device, train_shards)
+    teacher, teacher_tags = build_teacher(config, device, train_shards, rank=rank, run_name=options.name)
     eval_batch = max(1, config.data.batch_size // world)
     eval_loader = EvalLoader(val_shards, config.data, eval_batch, world, rank, data_device, options.dali_threads)
     v2_loader = None
@@ -593,10 +600,10 @@ class _ConstantTeacher(TeacherFn):
         return self.logits
 
 
-def build_teacher(config: TrainConfig, device: torch.device,
-                  shards: ShardSet | None = None) -> tuple[TeacherFn | None, dict[str, str]]:
-    """The teacher (online model in eval mode without gradients, or the cache) and its identity (tags);
-    None without distillation."""
+def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | None = None, rank: int = 0,
+                  run_name: str = "run") -> tuple[TeacherFn | None, dict[str, str]]:
+    """The teacher (online model in eval mode without gradients, the cache, or the run's teacher actors)
+    and its identity (tags); None without distillation."""
     d = config.distill
     if d.kind == "none":
         return None, {}
@@ -609,6 +616,15 @@ def build_teacher(config: TrainConfig, device: torch.device,
         cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
         identity.update({"teacher.sha256": cache.info["teacher"]["weights_sha256"], "teacher.cache": d.cache_url})
         return CachedTeacher(cache), identity
+    if d.source == "remote":
+        remote = RemoteTeacher.connect(config, run_name, rank, device.type == "cuda")
+        found = remote.identity()
+        if d.teacher.pretrained_path:
+            identity["teacher.sha256"] = found["sha256"]
+        else:
+            identity["teacher.weights"] = "random"
+        identity["teacher.actors"] = str(d.remote_actors)
+        return remote, identity
     teacher = d.teacher.build()
     if d.teacher.pretrained_path:
         info = load_pretrained(teacher, d.teacher.pretrained_path)

@@ -1,0 +1,134 @@
+"""The online teacher in a pool of Ray actors (``distill.source=remote``), fed one step ahead.
+
+When the student's GPU is the bottleneck, the teacher's forward pass (RegNetY-16GF costs DeiT-S more than
+half its step rate, issue 4) can run on other GPUs or nodes. Each training worker sends its augmented,
+mixed batch to one of ``distill.remote_actors`` teacher actors (worker r uses actor r mod n; the actors
+are named per run, so the workers of a run, and a restarted worker group, share them) and gets the
+logits back. The labels are the online teacher's: the same weights, the same mixed views, the same
+autocast (the batch travels in bf16 when the step runs under bf16 autocast, where the teacher's first
+layer casts it to bf16 anyway; in fp32 otherwise).
+
+To keep the transfer and the teacher off the critical path the worker loop uses `lookahead`: batch i+1 is
+augmented and sent before step i runs, so the actors work while the student trains. This changes no
+number: every random draw of the batch stage comes from the step's own generator (`pipeline.views`),
+not from torch's global one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.batch_aug import AugmentedBatch, BatchAugment, MixParams
+from pipeline.loader import Batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TeacherActor", "RemoteTeacher", "Prepared", "lookahead", "actor_name"]
+
+
+class TeacherActor:
+    """One teacher on one device (a GPU when the actor has one), eval mode, no gradients."""
+
+    def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool) -> None:
+        from trainer.checkpoint import load_pretrained
+        from trainer.config import ModelConfig
+
+        logging.basicConfig(level=logging.INFO)
+        config = ModelConfig(**teacher)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        model = config.build()
+        self.sha256 = load_pretrained(model, config.pretrained_path)["sha256"] if config.pretrained_path else ""
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.bf16 = bf16 and self.device.type == "cuda"
+
+    def identity(self) -> dict[str, str]:
+        return {"sha256": self.sha256, "device": str(self.device)}
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(x)
+        return out.float().cpu()
+
+
+def actor_name(run_name: str, index: int) -> str:
+    return f"distillery-teacher-{run_name}-{index}"
+
+
+class RemoteTeacher:
+    """`trainer.worker.TeacherFn` over a teacher actor: ``submit`` a batch ahead, ``__call__`` collects it."""
+
+    def __init__(self, actor: Any, transport: torch.dtype) -> None:
+        self.actor, self.transport = actor, transport
+        self._pending: dict[int, Any] = {}  # step -> ObjectRef of its logits
+
+    @classmethod
+    def connect(cls, config: Any, run_name: str, rank: int, use_gpu: bool) -> RemoteTeacher:
+        """The run's actor for this rank, created by whichever worker asks first."""
+        import dataclasses
+
+        import ray
+
+        d = config.distill
+        index = rank % d.remote_actors
+        options = {"num_gpus": 1} if use_gpu else {"num_cpus": 0}  # CPU runs: no core taken from the workers
+        actor_cls = ray.remote(**options)(TeacherActor)
+        bf16 = config.runtime.bf16 and use_gpu
+        actor = actor_cls.options(name=actor_name(run_name, index), get_if_exists=True).remote(
+            dataclasses.asdict(d.teacher), config.runtime.channels_last, bf16)
+        return cls(actor, torch.bfloat16 if bf16 else torch.float32)
+
+    def identity(self) -> dict[str, str]:
+        import ray
+
+        return ray.get(self.actor.identity.remote())
+
+    def submit(self, x: torch.Tensor, step: int) -> None:
+        """Send step ``step``'s augmented batch to the actor; returns at once."""
+        self._pending[step] = self.actor.logits.remote(x.detach().to(self.transport).cpu())
+
+    def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
+        import ray
+
+        step = batch.step if batch is not None else None
+        ref = self._pending.pop(step, None) if step is not None else None
+        if ref is None:  # not sent ahead (a first step, a caller without look-ahead): send it now
+            ref = self.actor.logits.remote(x.detach().to(self.transport).cpu())
+        return ray.get(ref).to(x.device, non_blocking=True)
+
+
+@dataclass
+class Prepared:
+    """A loader batch whose batch augmentation already ran (and whose teacher logits are on their way)."""
+
+    batch: Batch
+    aug: AugmentedBatch
+
+    @property
+    def keys(self) -> list[str]:
+        return self.batch.keys
+
+    @property
+    def step(self) -> int:
+        return self.batch.step
+
+
+def lookahead(batches: Iterator[Batch], augment: BatchAugment, teacher: RemoteTeacher) -> Iterator[Prepared]:
+    """Augment each batch and send it to the teacher one step before it is handed out."""
+    ahead: Prepared | None = None
+    for batch in batches:
+        aug = augment.apply(batch.views, batch.labels, batch.rng)
+        teacher.submit(aug.x, batch.step)
+        if ahead is not None:
+            yield ahead
+        ahead = Prepared(batch, aug)
+    if ahead is not None:
+        yield ahead
