@@ -80,6 +80,16 @@ def test_random_erasing_matches_timm() -> None:
     _close(frac(ours), frac(theirs), 0.03)
 
 
+def mix_formula(x: torch.Tensor, params: MixParams) -> torch.Tensor:
+    """timm's Mixup formulas, plainly: lam x + (1 - lam) x[::-1], or the box of x[::-1] pasted into x."""
+    if params.cutmix_box is None:
+        return x * params.lam + x.flip(0) * (1 - params.lam)
+    y0, y1, x0, x1 = params.cutmix_box
+    expected = x.clone()
+    expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+    return expected
+
+
 def test_mixup_cutmix_draws_match_timm_and_mixing_matches_timm_formula() -> None:
     cfg = MixConfig()
     rng = np.random.default_rng(0)
@@ -100,14 +110,10 @@ def test_mixup_cutmix_draws_match_timm_and_mixing_matches_timm_formula() -> None
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     for params in ours[:20]:
         got, targets = mix(x, labels, params, 10, 0.1)
-        if params.cutmix_box is None:
-            expected = x * params.lam + x.flip(0) * (1 - params.lam)
-        else:
+        if params.cutmix_box is not None:
             y0, y1, x0, x1 = params.cutmix_box
-            expected = x.clone()
-            expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
             assert abs(params.lam - (1 - (y1 - y0) * (x1 - x0) / (64 * 64))) < 1e-9, "lambda corrected to the box area"
-        assert torch.allclose(got, expected)
+        assert torch.allclose(got, mix_formula(x, params))
         assert torch.allclose(targets, mixup_target(labels, 10, params.lam, 0.1))
         assert torch.allclose(targets.sum(1), torch.ones(6))
 
@@ -144,11 +150,6 @@ def test_fast_batch_steps_equal_the_formulas_bit_for_bit(layout: str) -> None:
     for params in (MixParams(0.3, None), MixParams(0.6, (3, 20, 5, 31))):
         pure, targets = mix(x, labels, params, 10, 0.1)
         inplace, _ = mix(x.clone(memory_format=torch.preserve_format), labels, params, 10, 0.1, inplace=True)
-        if params.cutmix_box is None:
-            expected = x * params.lam + x.flip(0) * (1 - params.lam)
-        else:
-            y0, y1, x0, x1 = params.cutmix_box
-            expected = x.clone()
-            expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        expected = mix_formula(x, params)
         assert torch.equal(pure, expected) and torch.equal(inplace, expected)
         assert inplace.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")

@@ -148,13 +148,7 @@ def test_batch_stage_runs_three_augment_for_deit3_and_not_for_deit() -> None:
     x = on.apply(views, labels, rng()).x
     expected_views = ThreeAugment(color_jitter=0.3)(views, rng())  # drawn first from the step's generator
     from pipeline.batch_aug import normalize
+    from tests.test_augment_stats import mix_formula
 
-    plain = normalize(expected_views, deit3.augment)
-    mix = on.apply(views, labels, rng()).mix
-    if mix.cutmix_box is None:
-        plain = plain * mix.lam + plain.flip(0) * (1 - mix.lam)
-    else:
-        y0, y1, x0, x1 = mix.cutmix_box
-        plain = plain.clone()
-        plain[:, :, y0:y1, x0:x1] = plain.flip(0)[:, :, y0:y1, x0:x1]
+    plain = mix_formula(normalize(expected_views, deit3.augment), on.apply(views, labels, rng()).mix)
     assert torch.equal(x, plain.contiguous(memory_format=torch.channels_last))
