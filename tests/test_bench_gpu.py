@@ -65,3 +65,18 @@ def test_peaks_and_verdicts() -> None:
     slow = verdicts([GpuRow("full pipeline", "deit_b_distill, cache teacher, x3", 2000.0, 0.2)])
     assert any("2,000 | 3,000 | missed" in line for line in slow)
     assert any("20.0% | <= 5.0% | missed" in line for line in slow)
+
+
+def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
+    import time
+
+    from trainer.bench_gpu import _Rows
+
+    rows = _Rows(deadline=time.monotonic() + 60)
+    rows.add("model only", "broken", lambda: 1 / 0)
+    rows.add("model only", "fine", lambda: GpuRow("model only", "fine", 10.0))
+    late = _Rows(deadline=time.monotonic() - 1)
+    late.add("peers", "late", lambda: GpuRow("peers", "late", 1.0))
+    assert [r.name for r in rows.rows] == ["broken", "fine"] and rows.rows[1].views_per_s == 10.0
+    assert rows.rows[0].views_per_s is None and rows.rows[0].note.startswith("failed: ZeroDivisionError")
+    assert late.rows[0].views_per_s is None and "not run" in late.rows[0].note

@@ -89,6 +89,7 @@ class Settings:
     compiled: tuple[str, ...]  # models also timed torch.compile'd
     threads: int  # loader threads, DALI threads, peer DataLoader workers
     overrides: tuple[str, ...]
+    max_seconds: float = 1e9  # rows that would start later are reported "not run"
 
 
 # ---------------------------------------------------------------------------------------------- one row
@@ -172,62 +173,93 @@ def _step_flops(p, batch) -> float:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def _model_only(s: Settings, device: torch.device, peak: float | None) -> list[GpuRow]:
+class _Rows:
+    """The table as it is measured: a row that raises is kept as "failed: ..." and the next one runs (a
+    lent GPU's minutes are few: one broken row must not cost the rest); past the deadline rows are
+    "not run". Each row is logged as it completes, so a run cut short still says what it measured."""
+
+    def __init__(self, deadline: float) -> None:
+        self.rows: list[GpuRow] = []
+        self.deadline = deadline
+
+    def add(self, section: str, name: str, measure) -> GpuRow | None:
+        if time.monotonic() > self.deadline:
+            row = GpuRow(section, name, None, note="not run: --max-seconds reached")
+        else:
+            started = time.monotonic()
+            try:
+                row = measure()
+            except Exception as exc:  # noqa: BLE001 - reported in the table, the suite goes on
+                log.exception("bench_gpu: %s / %s failed", section, name)
+                row = GpuRow(section, name, None, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            log.info("bench_gpu row (%.0f s): %s", time.monotonic() - started, row)
+        self.rows.append(row)
+        return row
+
+
+def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool) -> None:
     from trainer.worker import _ConstantTeacher
 
-    rows = []
-    for name in s.models:
-        flops = 0.0
-        for compiled in (False, True) if name in s.compiled else (False,):
-            config = _recipe(name, s)
-            teacher = None
-            if config.distill.kind != "none":
-                views = len(next(_synthetic(config, device)).keys)
-                teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
-            p = _parts(config, device, teacher, 1000, compiled)
-            batches = _synthetic(config, device)
-            if not compiled:  # counted on the eager step (the same mathematics compiled)
-                flops = _step_flops(p, next(batches))
-            rate, wait, mem = _time(p, batches, s)
-            mfu = rate * flops / peak if peak else None
-            rows.append(GpuRow("model only", f"{name}{' compiled' if compiled else ''}", rate, wait, mfu, mem,
-                               f"{config.model.name}, {flops / 1e9:.1f} GFLOP/view (step)"))
-            del p, batches
-            _free(device)
-    return rows
+    flops: dict[str, float] = {}
+
+    def measure(name: str, compile_model: bool) -> GpuRow:
+        config = _recipe(name, s)
+        teacher = None
+        if config.distill.kind != "none":
+            views = len(next(_synthetic(config, device)).keys)
+            teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
+        p = _parts(config, device, teacher, 1000, compile_model)
+        batches = _synthetic(config, device)
+        if name not in flops:  # counted on the eager step (the same mathematics compiled)
+            eager = p if not compile_model else _parts(config, device, teacher, 1000, False)
+            flops[name] = _step_flops(eager, next(batches))
+            del eager
+        rate, wait, mem = _time(p, batches, s)
+        _free(device)
+        mfu = rate * flops[name] / peak if peak else None
+        return GpuRow("model only", f"{name}{' compiled' if compile_model else ''}", rate, wait, mfu, mem,
+                      f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)")
+
+    for name in (m for m in s.models if not compiled or m in s.compiled):
+        rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled))
 
 
-def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str) -> list[GpuRow]:
+def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> None:
     from pipeline.loader import TrainLoader
     from pipeline.storage import Location
     from pipeline.stream import ShardSet
+    from trainer.overrides import apply_overrides
     from trainer.worker import build_teacher
 
     shards = ShardSet.open(Location(shards_url), "train")
     data_device = "cpu" if device.type == "cpu" else str(device)
-    rows = []
+
+    def measure(base: TrainConfig, name: str, weights: str, cache: str, source: str, repeats: int) -> GpuRow:
+        config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
+                                        f"distill.teacher.pretrained_path={weights}", f"data.stream.repeats={repeats}",
+                                        f"data.train_url={shards_url}", f"data.val_url={shards_url}"])
+        teacher, _ = build_teacher(config, device, shards)
+        loader = TrainLoader(shards, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
+        p = _parts(config, device, teacher, loader.steps_per_epoch, False)
+        rate, wait, mem = _time(p, iter(loader), s)
+        del p, loader, teacher
+        _free(device)
+        return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}", rate, wait, None, mem,
+                      "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> step")
+
     for name in s.pipeline_models:
         base = _recipe(name, s)
-        weights, cache = _random_teacher(base, shards_url, root / name)
+        try:
+            weights, cache = _random_teacher(base, shards_url, root / name)
+        except Exception as exc:  # noqa: BLE001 - the online rows can still run
+            log.exception("bench_gpu: the teacher cache for %s failed", name)
+            weights, cache = str(root / name / "teacher-random.pth"), f"not built ({type(exc).__name__})"
         for source in ("cache", "online"):
             for repeats in (3, 1):
-                from trainer.overrides import apply_overrides
-
-                config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
-                                                f"distill.teacher.pretrained_path={weights}",
-                                                f"data.stream.repeats={repeats}", f"data.train_url={shards_url}",
-                                                f"data.val_url={shards_url}"])
-                teacher, _ = build_teacher(config, device, shards)
-                loader = TrainLoader(shards, config.data, 1, 0, data_device, threads=s.threads,
-                                     dali_threads=s.threads)
-                p = _parts(config, device, teacher, loader.steps_per_epoch, False)
-                rate, wait, mem = _time(p, iter(loader), s)
-                rows.append(GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}", rate, wait, None, mem,
-                                   "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> step"))
-                del p, loader, teacher
-                _free(device)
-        rows.append(_peers(s, device, base, weights, shards, name))
-    return rows
+                rows.add("full pipeline", f"{name}, {source} teacher, x{repeats}",
+                         lambda b=base, n=name, w=weights, c=cache, src=source, k=repeats: measure(b, n, w, c, src, k))
+        rows.add("peers", f"{name}, online teacher, timm+PIL",
+                 lambda b=base, n=name, w=weights: _peers(s, device, b, w, shards, n))
 
 
 def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str]:
@@ -311,7 +343,7 @@ def _peers(s: Settings, device: torch.device, base: TrainConfig, weights: str, s
                   f"timm create_transform + PIL, DataLoader with {s.threads} worker processes, timm Mixup")
 
 
-def _dali_alone(s: Settings, device: torch.device, shards_url: str) -> list[GpuRow]:
+def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows) -> None:
     from pipeline.bench_stream import bench_dali
     from pipeline.storage import Location
     from pipeline.stream import ShardSet
@@ -319,14 +351,16 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str) -> list[GpuR
     shards = ShardSet.open(Location(shards_url), "train")
     views = s.batch * (s.steps + s.warmup)
     dev = "cpu" if device.type == "cpu" else str(device)
-    rows = []
+
+    def measure(label: str, repeats: int, augment: bool) -> GpuRow:
+        rate, per_view = bench_dali(shards, s.batch, repeats, s.threads, views, dev, s.size, augment=augment)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # bench_dali gives a CPU batch stage one thread
+        return GpuRow("DALI alone", label, rate, note=f"{per_view / 1e3:.1f} KB of shards read per view")
+
     for label, repeats, augment in (("decode + RRC", 1, False), ("decode + RRC + batch augmentation", 1, True),
                                     ("decode once -> 3 RRC views", 3, False),
                                     ("decode once -> 3 views + batch augmentation", 3, True)):
-        rate, per_view = bench_dali(shards, s.batch, repeats, s.threads, views, dev, s.size, augment=augment)
-        rows.append(GpuRow("DALI alone", label, rate, note=f"{per_view / 1e3:.1f} KB of shards read per view"))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return rows
+        rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g))
 
 
 def _free(device: torch.device) -> None:
@@ -347,19 +381,20 @@ def run_suite(s: Settings) -> tuple[str, list[GpuRow]]:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores), no GPU"
     peak = peak_flops(name) if cuda else None
-    rows: list[GpuRow] = []
+    rows = _Rows(time.monotonic() + s.max_seconds)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         root = Path(tmp)
-        rows += _model_only(s, device, peak)
+        _model_only(s, device, peak, rows, compiled=False)
         classes = _recipe(s.pipeline_models[0], s).model.num_classes if s.pipeline_models else 1000
         shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
-        rows += _pipeline(s, device, root, shards_url)
-        rows += _dali_alone(s, device, shards_url)
+        _pipeline(s, device, root, shards_url, rows)
+        _dali_alone(s, device, shards_url, rows)
+        _model_only(s, device, peak, rows, compiled=True)  # last: compiling costs ~1 min a model
     numerics = "bf16 autocast" if cuda else "fp32 (no GPU)"
     title = (f"trainer.bench_gpu on {name}: batch {s.batch} views per step, {s.steps} steps timed after {s.warmup}, "
              f"{s.size} px, {numerics}; data: {origin}; "
              f"{s.threads} loader / DALI threads and peer workers; random weights")
-    return title, rows
+    return title, rows.rows
 
 
 def table(title: str, rows: Sequence[GpuRow]) -> str:
@@ -432,6 +467,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="models whose model-only step is also timed torch.compile'd ('' for none; ~1 min each)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", metavar="PATH", help="append the table to this file (BENCHMARKS.md)")
+    p.add_argument("--max-seconds", type=float, default=480.0,
+                   help="start no row after this many seconds (default 480: a lent GPU's minutes are few)")
     p.add_argument("--quick", action="store_true", help="CI size: checks that every row runs, not its speed")
     return p
 
@@ -444,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  teacher=args.teacher, models=tuple(m for m in args.models.split(",") if m),
                  pipeline_models=tuple(m for m in args.pipeline_models.split(",") if m),
                  compiled=tuple(m for m in args.compile.split(",") if m),
-                 threads=args.threads, overrides=tuple(args.overrides))
+                 threads=args.threads, overrides=tuple(args.overrides), max_seconds=args.max_seconds)
     if args.quick:
         s = replace(s, batch=6, steps=2, warmup=1, images=24, size=32, teacher=s.teacher or "resnet10t",
                     threads=min(s.threads, 2), compiled=())
