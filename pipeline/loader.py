@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.dali_graph import eval_graph, to_torch, train_graph
+from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
 from pipeline.views import batch_rng, draw_views, step_rng
 
@@ -48,13 +49,18 @@ class _Pending:
     flips: np.ndarray
 
 
-def plan_batch(global_views: int, world: int, repeats: int) -> int:
+def plan_batch(global_views: int, world: int, repeats: int, exact: bool = True) -> int:
     """Images per rank per step. An image brings all its ``repeats`` views into one step, so a rank's views
     are rounded down to a multiple of ``repeats`` (DeiT's 1024 over 8 GPUs at x3: 128 -> 126 views, i.e.
-    42 images; the effective global batch is 1008, which `effective_batch` reports for lr scaling)."""
+    42 images; the effective global batch is 1008, which `effective_batch` reports for lr scaling).
+    ``exact=False`` (an elastic run, whose worker count changes) also rounds a global batch that the
+    worker count does not divide down, instead of refusing it."""
     if global_views % world:
-        raise ValueError(f"data.batch_size={global_views} is not divisible by {world} workers; "
-                         f"make it a multiple of the worker count")
+        if exact:
+            raise ValueError(f"data.batch_size={global_views} is not divisible by {world} workers; "
+                             f"make it a multiple of the worker count")
+        log.info("data.batch_size=%d over %d workers: %d views per worker", global_views, world,
+                 global_views // world)
     per_rank = global_views // world
     if per_rank < repeats:
         raise ValueError(f"per-worker batch {per_rank} views is smaller than stream.repeats={repeats}: "
@@ -65,19 +71,34 @@ def plan_batch(global_views: int, world: int, repeats: int) -> int:
     return per_rank // repeats
 
 
-def effective_batch(global_views: int, world: int, repeats: int) -> int:
+def effective_batch(global_views: int, world: int, repeats: int, exact: bool = True) -> int:
     """Views per optimizer step across all ranks, after `plan_batch`'s rounding."""
-    return plan_batch(global_views, world, repeats) * repeats * world
+    return plan_batch(global_views, world, repeats, exact) * repeats * world
+
+
+def state_for_world(states: dict[str, dict[str, Any]], shards: ShardSet, world: int, rank: int) -> dict[str, Any]:
+    """A loader state for ``rank`` of ``world`` workers from the states another worker count saved (an
+    elastic run resized): the same step, at the start of the next pass of the new partition. The part of
+    the interrupted pass not yet read is skipped (every rank of a pass covers a contiguous range of its
+    shard order, so no position of the new partition means "where the old one stopped")."""
+    step = max(int(s["step"]) for s in states.values())
+    old = next(iter(states.values()))["stream"]
+    position = max(int(s["stream"]["position"]) for s in states.values())
+    old_per = per_rank(shards.counts, int(old["world"]))
+    next_pass = -(-position // old_per)
+    return {"version": STATE_VERSION, "step": step,
+            "stream": {**old, "world": world, "rank": rank, "position": next_pass * per_rank(shards.counts, world)}}
 
 
 class TrainLoader:
     """Endless train batches for one rank; ``steps_per_epoch`` tells where the papers' epochs end."""
 
     def __init__(self, shards: ShardSet, data: DataConfig, world: int = 1, rank: int = 0, device: str = "cpu",
-                 threads: int = 4, dali_threads: int = 2, state: dict[str, Any] | None = None):
+                 threads: int = 4, dali_threads: int = 2, state: dict[str, Any] | None = None,
+                 exact_batch: bool = True):
         self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
         self.repeats = data.stream.repeats
-        self.images_per_step = plan_batch(data.batch_size, world, self.repeats)
+        self.images_per_step = plan_batch(data.batch_size, world, self.repeats, exact_batch)
         # one epoch = N views = N / k distinct images (DeiT: "100 epochs, each 3x longer" is called 300)
         self.steps_per_epoch = len(shards) // data.batch_size
         if self.steps_per_epoch == 0:

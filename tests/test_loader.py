@@ -187,3 +187,34 @@ def test_eval_transform_matches_pil_resize_and_centre_crop(shards: ShardSet) -> 
         expected = np.asarray(reference(Image.open(io.BytesIO(data_bytes)).convert("RGB")), dtype=np.float32)
         got = image.permute(1, 2, 0).numpy().astype(np.float32)
         assert np.abs(got - expected).mean() < 4.0
+
+
+def test_an_elastic_resize_resumes_at_the_next_pass_of_the_new_worker_count(shards: ShardSet) -> None:
+    from pipeline.loader import state_for_world
+    from pipeline.order import per_rank
+
+    data = _data(batch=12, repeats=1)
+    states = {}
+    for rank in range(2):  # 2 workers, 3 steps of 6 images each, then the group grows to 3
+        loader = TrainLoader(shards, data, world=2, rank=rank, threads=2, dali_threads=1)
+        _take(loader, 3)
+        states[str(rank)] = loader.state_dict()
+    per2, per3 = per_rank(shards.counts, 2), per_rank(shards.counts, 3)
+    assert states["0"]["stream"]["position"] == 18 < per2
+    new = state_for_world(states, shards, world=3, rank=1)
+    assert new["step"] == 3 and (new["stream"]["world"], new["stream"]["rank"]) == (3, 1)
+    assert new["stream"]["position"] == per3, "pass 0 was interrupted: rank 1 of 3 starts pass 1"
+    resumed = TrainLoader(shards, data, world=3, rank=1, threads=2, dali_threads=1, state=new)
+    batch = _take(resumed, 1)[0]
+    assert batch.step == 3
+    expected = SampleStream(shards, data.stream, world=3, rank=1, position=per3).take(4)
+    assert batch.keys == [s.key for s in expected]
+    # a pass that had just ended is not skipped; a fresh run stays at the start
+    for position, pass_index in ((per2, 1), (2 * per2, 2), (0, 0)):
+        done = {str(r): {**states[str(r)], "stream": {**states[str(r)]["stream"], "position": position}}
+                for r in range(2)}
+        assert state_for_world(done, shards, world=1, rank=0)["stream"]["position"] == pass_index * per_rank(
+            shards.counts, 1)
+    assert plan_batch(12, 5, 1, exact=False) == 2 and effective_batch(12, 5, 1, exact=False) == 10
+    with pytest.raises(ValueError, match="not divisible"):
+        plan_batch(12, 5, 1)

@@ -457,3 +457,37 @@ def test_remote_teacher_logits_equal_the_online_teachers(teacher_file: str, loca
     assert torch.allclose(remote(x, batch, None), expected, atol=1e-5)  # the one sent ahead for step 3
     assert torch.allclose(remote(x, None, None), expected, atol=1e-5)  # and one sent on the spot
     assert not remote._pending
+
+
+@dali
+@pytest.mark.slow
+def test_an_elastic_run_resumes_a_checkpoint_of_another_worker_count(reference: Ran, tmp_path: Path, digits: str,
+                                                                     teacher_file: str) -> None:
+    """scaling.min_workers > 0: a checkpoint of 2 workers resumes on 1 (as an elastic group that shrank):
+    the same step and schedule, the loader at the start of the next pass of the 1-worker order."""
+    from pipeline.loader import plan_batch
+    from pipeline.order import per_rank
+    from pipeline.storage import Location
+    from pipeline.stream import SampleStream, ShardSet
+    from trainer.run import run
+
+    config = apply_overrides(_config(digits, teacher_file), ["scaling.num_workers=1", "scaling.min_workers=1"])
+    checkpoint = reference.run_dir / "step-00000008"
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    result = run(config, storage_path=str(tmp_path / "storage"), name="elastic",
+                 options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1, resume=str(checkpoint),
+                                    key_log_dir=str(keys_dir)))
+    assert result.return_value["restored_from"] == 8 and result.metrics["step"] == STEPS
+    assert [h["step"] for h in result.return_value["history"]] == [10, 12]
+    shards = ShardSet.open(Location(digits), "train")
+    assert 8 * plan_batch(64, 2, 3) < per_rank(shards.counts, 2), "the checkpoint is inside pass 0"
+    first = json.loads((keys_dir / "keys-rank0.jsonl").read_text().splitlines()[0])
+    images = plan_batch(64, 1, 3)
+    expected = SampleStream(shards, config.data.stream, world=1, rank=0,
+                            position=per_rank(shards.counts, 1)).take(images)
+    assert first["step"] == 8 and first["keys"] == [s.key for s in expected for _ in range(3)]
+    with pytest.raises(Exception, match="make the run elastic"):  # without min_workers: refused
+        run(apply_overrides(config, ["scaling.min_workers=0"]), storage_path=str(tmp_path / "storage2"),
+            name="fixed", options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1,
+                                             resume=str(checkpoint)))

@@ -289,6 +289,11 @@ class ScalingConfig:
 
     num_workers: int = 8  # DeiT sec. 1: a single 8-GPU node
     use_gpu: bool = True
+    # 0: a fixed group of num_workers. k >= 1: elastic, Ray Train runs between k and num_workers workers
+    # (ScalingConfig(num_workers=(k, num_workers))), starting with what it can get and resizing on failures
+    # or new nodes. A resized group resumes at the next pass of its own sample order (`state_for_world`),
+    # and a global batch the worker count does not divide is rounded down per worker (lr follows it).
+    min_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -419,9 +424,13 @@ def _data_problems(c: TrainConfig) -> list[str]:
     batch, workers, repeats = c.data.batch_size, c.scaling.num_workers, c.data.stream.repeats
     if c.scaling.num_workers < 1:
         out.append(f"scaling.num_workers={workers}: must be >= 1")
+    elastic = c.scaling.min_workers > 0
+    if elastic and not 1 <= c.scaling.min_workers <= workers:
+        out.append(f"scaling.min_workers={c.scaling.min_workers}: must be between 1 and scaling.num_workers="
+                   f"{workers} (elastic), or 0 for a fixed group")
     if batch < 1:
         out.append(f"data.batch_size={batch}: must be >= 1 (global batch, in views; DeiT: 1024)")
-    elif workers >= 1 and batch % workers:
+    elif workers >= 1 and batch % workers and not elastic:  # elastic: rounded down per worker instead
         out.append(
             f"data.batch_size={batch} is not divisible by scaling.num_workers={workers}: the global batch "
             f"is split evenly over the workers; use a multiple of {workers} (e.g. "

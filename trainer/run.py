@@ -76,7 +76,7 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=encode(config, options),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=_num_workers(config), use_gpu=config.scaling.use_gpu),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_arg,
@@ -122,6 +122,12 @@ def preflight(config: TrainConfig) -> None:
 
         # opens the cache as the workers will: refuses other data, teacher name, classes or weights now
         build_teacher(config, "cpu", ShardSet.open(Location(config.data.train_url), "train"))
+
+
+def _num_workers(config: TrainConfig) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: a count, or ``(min, max)`` for an elastic run (``scaling.min_workers``)."""
+    s = config.scaling
+    return (s.min_workers, s.num_workers) if 0 < s.min_workers < s.num_workers else s.num_workers
 
 
 def run_name(config: TrainConfig) -> str:

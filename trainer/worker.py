@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.batch_aug import BatchAugment, MixParams, normalize
-from pipeline.loader import Batch, EvalLoader, TrainLoader, effective_batch
+from pipeline.loader import Batch, EvalLoader, TrainLoader, effective_batch, state_for_world
 from pipeline.storage import Location
 from pipeline.stream import ShardSet
 from pipeline.views import batch_rng
@@ -486,8 +486,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     train_shards = ShardSet.open(Location(config.data.train_url), "train")
     val_shards = ShardSet.open(Location(config.data.val_url), "val")
     restored = _restore(options, train_shards.fingerprint)
-    if restored is not None:
-        _check_restored(restored, config, rank, world)
+    resized = restored is not None and _check_restored(restored, config, rank, world)
     torch.manual_seed(config.runtime.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
     bare = config.model.build()
     if restored is not None:
@@ -502,10 +501,14 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     if config.runtime.compile:
         model = torch.compile(model)
     data_device = "cpu" if device.type == "cpu" else str(device)
+    exact = config.scaling.min_workers == 0
+    state = None
+    if restored is not None:
+        state = (state_for_world(restored.loader, train_shards, world, rank) if resized
+                 else restored.loader.get(str(rank)))
     loader = TrainLoader(train_shards, config.data, world, rank, data_device, threads=options.loader_threads,
-                         dali_threads=options.dali_threads,
-                         state=restored.loader.get(str(rank)) if restored is not None else None)
-    batch = effective_batch(config.data.batch_size, world, config.data.stream.repeats)
+                         dali_threads=options.dali_threads, state=state, exact_batch=exact)
+    batch = effective_batch(config.data.batch_size, world, config.data.stream.repeats, exact)
     schedule = build_schedule(config, batch, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config, schedule.peak, device)
     ema = build_ema(model, config)
@@ -531,7 +534,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
         p.step = p.restored_from = restored.step
     # the seed of this rank's stochastic layers (drop path) and erasing noise, DeiT's seed + rank
     torch.manual_seed(config.runtime.seed + rank)
-    if restored is not None and str(rank) in restored.rng:
+    if restored is not None and not resized and str(rank) in restored.rng:
         restore_rng(restored.rng[str(rank)])  # continue each rank's streams exactly
     if rank == 0:
         log.info("training %s: %d steps (%d per epoch), effective global batch %d, peak lr %.3g, %s, from %s",
@@ -662,18 +665,28 @@ def _restore(options: RunOptions, fingerprint: str) -> TrainState | None:
     return None
 
 
-def _check_restored(restored: TrainState, config: TrainConfig, rank: int, world: int) -> None:
-    """Refuse a worker count the checkpoint's loader states cannot serve; warn about config changes."""
-    if len(restored.loader) != world or str(rank) not in restored.loader:
+def _check_restored(restored: TrainState, config: TrainConfig, rank: int, world: int) -> bool:
+    """Refuse a worker count the checkpoint's loader states cannot serve, unless the run is elastic (then
+    True: the loader resumes at the next pass for this worker count); warn about config changes."""
+    resized = len(restored.loader) != world or str(rank) not in restored.loader
+    if resized and config.scaling.min_workers > 0:
+        if rank == 0:
+            log.warning("elastic run resized: the checkpoint at step %d was written by %d workers, this group has "
+                        "%d; training goes on from step %d at the start of the next pass of the %d-worker sample "
+                        "order (the rest of the interrupted pass is skipped)", restored.step, len(restored.loader),
+                        world, restored.step, world)
+    elif resized:
         raise CheckpointError(
             f"the checkpoint at step {restored.step} was written by {len(restored.loader)} workers, this run has "
             f"{world}: the sample order depends on the worker count; resume with "
-            f"scaling.num_workers={len(restored.loader)} or start a new run from its weights (model.pretrained_path)"
+            f"scaling.num_workers={len(restored.loader)}, make the run elastic (scaling.min_workers), or start a new "
+            "run from its weights (model.pretrained_path)"
         )
     now = safe_config(config)
     changed = sorted(k for k in set(now) | set(restored.config) if now.get(k) != restored.config.get(k))
     if changed and rank == 0:
         log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+    return resized
 
 
 def _tracker(config: TrainConfig, options: RunOptions, rank: int, fingerprint: str, teacher: dict[str, str],
