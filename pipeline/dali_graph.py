@@ -99,12 +99,16 @@ def whole_image_graph(source: Callable[[], tuple], batch_size: int, resolution: 
 
 
 def to_torch(batch, device: str):
-    """A DALI TensorList (CPU or GPU) -> a torch tensor that owns its memory (DALI reuses its buffers)."""
+    """A DALI TensorList (CPU or GPU) -> a torch tensor on ``device`` that owns its memory (DALI reuses its
+    buffers). A CPU TensorList (e.g. the labels of a GPU graph, which come from the external source)
+    goes through host memory: DALI's ``feed_ndarray`` would memcpy it into device memory from the host."""
     import numpy as np
     import torch
+    from nvidia.dali.backend import TensorListGPU
 
-    if device == "cpu":
-        return torch.from_numpy(np.array(batch.as_tensor()))
+    if not isinstance(batch, TensorListGPU):
+        out = torch.from_numpy(np.array(batch.as_tensor()))
+        return out if device == "cpu" else out.to(device)
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     tensor = batch.as_tensor()
