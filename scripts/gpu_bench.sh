@@ -4,6 +4,8 @@
 #
 #   here, once:         bash ../shared/tools/dali-wheel-parts.sh          # -> .dali0 .. .daliN (52 MB each)
 #   device calls 0..N-1: carry [".daliK"], command: mkdir -p /tmp/parts && cp .daliK/* /tmp/parts/
+#   optionally (the rows through the local S3 store): bash scripts/s3-wheel-parts.sh here, then a call
+#                        carrying [".s3wheels"]: mkdir -p /tmp/s3w && cp .s3wheels/* /tmp/s3w/
 #   device call N:       carry [".daliN"], command: bash scripts/gpu_bench.sh .daliN [bench_gpu options]
 #
 # It installs DALI from the parts into /tmp/site (once per machine), runs `python -m trainer.bench_gpu`
@@ -14,6 +16,9 @@ last=${1:-}
 shift || true
 mkdir -p /tmp/parts
 if [ -n "$last" ]; then cp "$last"/* /tmp/parts/; fi
+if [ -d /tmp/s3w ] && [ ! -d /tmp/site-s3/moto ]; then  # carried .s3wheels: the rows through the S3 store
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site-s3 /tmp/s3w/*.whl
+fi
 if ! python3 -c "import nvidia.dali" 2>/dev/null; then
   if [ ! -d /tmp/site/nvidia/dali ]; then
     rm -rf /tmp/w && mkdir -p /tmp/w
@@ -21,9 +26,9 @@ if ! python3 -c "import nvidia.dali" 2>/dev/null; then
     cat $(ls /tmp/parts/part* | sort) | tar xf - -C /tmp/w
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/w/*.whl
   fi
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PYTHONPATH
+# the S3 packages last: where the machine has a package already, its own version stays in charge
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}:/tmp/site-s3
 out=${OUT:-/tmp/bench-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true

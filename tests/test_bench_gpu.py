@@ -80,3 +80,16 @@ def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
     assert [r.name for r in rows.rows] == ["broken", "fine"] and rows.rows[1].views_per_s == 10.0
     assert rows.rows[0].views_per_s is None and rows.rows[0].note.startswith("failed: ZeroDivisionError")
     assert late.rows[0].views_per_s is None and "not run" in late.rows[0].note
+
+
+@pytest.mark.s3
+def test_the_pipeline_rows_through_the_local_s3_store() -> None:
+    """With s3fs and moto importable (carried to the GPU machine as .s3wheels), DeiT-S distilled also
+    reads its shards through moto's S3 server on 127.0.0.1, at repeats 3 and 1."""
+    proc = subprocess.run([sys.executable, "-m", "trainer.bench_gpu", "--quick", "--s3", "--models", "",
+                           "--pipeline-models", "deit_s_distill"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for repeats in (3, 1):
+        assert re.search(rf"^\| full pipeline \| deit_s_distill, cache teacher, x{repeats}, S3 \| [\d,]+ \| [\d.]+% \|",
+                         proc.stdout, re.M), proc.stdout
+    assert "shards (S3 (moto on 127.0.0.1))" in proc.stdout and "failed" not in proc.stdout

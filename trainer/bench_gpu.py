@@ -27,7 +27,9 @@ CI-sized run (tiny steps and images: it checks that every row runs, not how fast
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import io
 import logging
 import os
@@ -90,6 +92,7 @@ class Settings:
     threads: int  # loader threads, DALI threads, peer DataLoader workers
     overrides: tuple[str, ...]
     max_seconds: float = 1e9  # rows that would start later are reported "not run"
+    s3: bool = False  # also the rows through the local S3-protocol store (needs s3fs and moto)
 
 
 # ---------------------------------------------------------------------------------------------- one row
@@ -234,18 +237,21 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
     shards = ShardSet.open(Location(shards_url), "train")
     data_device = "cpu" if device.type == "cpu" else str(device)
 
-    def measure(base: TrainConfig, name: str, weights: str, cache: str, source: str, repeats: int) -> GpuRow:
+    def measure(base: TrainConfig, name: str, weights: str, cache: str, source: str, repeats: int,
+                where: ShardSet = shards, store: str = "local disk") -> GpuRow:
+        url = where.location.url
         config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
                                         f"distill.teacher.pretrained_path={weights}", f"data.stream.repeats={repeats}",
-                                        f"data.train_url={shards_url}", f"data.val_url={shards_url}"])
-        teacher, _ = build_teacher(config, device, shards)
-        loader = TrainLoader(shards, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
+                                        f"data.train_url={url}", f"data.val_url={url}"])
+        teacher, _ = build_teacher(config, device, where)
+        loader = TrainLoader(where, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
         p = _parts(config, device, teacher, loader.steps_per_epoch, False)
         rate, wait, mem = _time(p, iter(loader), s)
         del p, loader, teacher
         _free(device)
-        return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}", rate, wait, None, mem,
-                      "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> step")
+        suffix = "" if store == "local disk" else ", S3"
+        return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}{suffix}", rate, wait, None, mem,
+                      f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> step")
 
     for name in s.pipeline_models:
         base = _recipe(name, s)
@@ -260,6 +266,32 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                          lambda b=base, n=name, w=weights, c=cache, src=source, k=repeats: measure(b, n, w, c, src, k))
         rows.add("peers", f"{name}, online teacher, timm+PIL",
                  lambda b=base, n=name, w=weights: _peers(s, device, b, w, shards, n))
+        if name == s.pipeline_models[0] and s.s3:
+            with _object_store(root, shards) as s3_shards:
+                for repeats in (3, 1):
+                    rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
+                             lambda b=base, n=name, w=weights, c=cache, k=repeats:
+                             measure(b, n, w, c, "cache", k, s3_shards, "S3 (moto on 127.0.0.1)"))
+
+
+@contextlib.contextmanager
+def _object_store(root: Path, shards) -> Iterator:
+    """The local S3-protocol store (moto) holding a copy of ``shards``; yields their ShardSet there."""
+    from infra.objectstore import start_object_store, stop_object_store
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+
+    store = start_object_store(root / "s3-state")
+    try:
+        fs, local = shards.location.fs_and_path()
+        location = Location("s3://distillery/bench-shards", store.storage_options())
+        s3, remote = location.fs_and_path()
+        for path in fs.ls(local, detail=False):
+            if fs.isfile(path):
+                s3.put(path, f"{remote}/{path.rsplit('/', 1)[-1]}")
+        yield ShardSet.open(location, "train")
+    finally:
+        stop_object_store(store)
 
 
 def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str]:
@@ -452,6 +484,13 @@ def write(path: str, text: str, device: str) -> None:
         handle.write(f"\n## `python -m trainer.bench_gpu` ({today}, {device})\n\n{text}\n")
 
 
+def _have_s3() -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("s3fs", "moto"))
+    except ImportError:
+        return False
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.bench_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every recipe")
@@ -470,6 +509,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=480.0,
                    help="start no row after this many seconds (default 480: a lent GPU's minutes are few)")
     p.add_argument("--quick", action="store_true", help="CI size: checks that every row runs, not its speed")
+    p.add_argument("--s3", action=argparse.BooleanOptionalAction, default=None,
+                   help="rows through the local S3-protocol store (default: when s3fs and moto are importable)")
     return p
 
 
@@ -481,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  teacher=args.teacher, models=tuple(m for m in args.models.split(",") if m),
                  pipeline_models=tuple(m for m in args.pipeline_models.split(",") if m),
                  compiled=tuple(m for m in args.compile.split(",") if m),
-                 threads=args.threads, overrides=tuple(args.overrides), max_seconds=args.max_seconds)
+                 threads=args.threads, overrides=tuple(args.overrides), max_seconds=args.max_seconds,
+                 s3=args.s3 if args.s3 is not None else _have_s3())
     if args.quick:
         s = replace(s, batch=6, steps=2, warmup=1, images=24, size=32, teacher=s.teacher or "resnet10t",
                     threads=min(s.threads, 2), compiled=())
