@@ -10,13 +10,18 @@ teardown check that every process they started is gone.
 * ``s3_env`` (function): ``object_store.env()`` set in ``os.environ`` for one test.
 * ``mlflow_server`` (session): MLflow tracking server (SQLite + local artifacts).
 * ``ray_head`` (session): a loopback-only Ray head with the job server.
+* ``local_ray`` (module): the in-process local Ray that ``trainer.run`` starts without RAY_ADDRESS.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -99,3 +104,30 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         stop_ray_head(head)
         _assert_gone([head.pid, *family], "Ray head")
         assert not head_processes(head), "Ray head: processes naming its temp dir survived"
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    """A local Ray on 127.0.0.1 (what ``run`` starts without RAY_ADDRESS), per test module, shut down at its
+    end (the trainer's and the trainer bench's tests)."""
+    import ray
+
+    from trainer.run import connect_ray
+
+    if ray.is_initialized():  # left by an earlier module: never skip the Ray tests because of it
+        ray.shutdown()
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    # Ray Train's controller polls the workers every 2 s (reports, failures); faster here. The driver's value
+    # is propagated to the controller (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
+    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    connect_ray(2, temp_dir=temp)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved

@@ -9,10 +9,7 @@ both log to a real ``mlflow server`` process.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -178,32 +175,6 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
     torch.save(teacher.state_dict(), path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Any:
-    """A local Ray on 127.0.0.1 (what ``run`` starts without RAY_ADDRESS), shut down at the end."""
-    import ray
-
-    from trainer.run import connect_ray
-
-    if ray.is_initialized():  # left by an earlier module: never skip the Ray tests because of it
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    # Ray Train's controller polls the workers every 2 s (reports, failures); faster here. The driver's value
-    # is propagated to the controller (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    connect_ray(2, temp_dir=temp)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
 
 
 def _config(digits: str, teacher_file: str) -> TrainConfig:

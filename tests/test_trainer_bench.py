@@ -7,41 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 STEPS, VIEWS_PER_WORKER = 3, 30  # demo batch 64 over 2 workers = 32 views, 30 at repeats 3
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Any:
-    """A local Ray on 127.0.0.1 (what ``run`` starts without RAY_ADDRESS), shut down at the end."""
-    pytest.importorskip("nvidia.dali")
-    import ray
-
-    from trainer.run import connect_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # the controller notices a finished run sooner
-    connect_ray(2, temp_dir=temp)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
 
 
 def _cells(text: str, name: str) -> list[str]:
