@@ -557,11 +557,13 @@ def _index_select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2) if _is_channels_last(x) else out
 
 
-def _chunk_images(device: torch.device, h: int, w: int) -> int:
+def _chunk_images(device: torch.device, h: int, w: int, budget: int | None = None) -> int:
     """Images per kernel call. The float64 warp makes ~10 temporaries of the input's size: on the CPU
     small chunks stay in cache and in malloc's reuse (fresh large buffers cost page faults), on a GPU
-    ~1M pixels per chunk bound the transient memory (~250 MB) while keeping kernels large."""
-    budget = 1 << 16 if device.type == "cpu" else 1 << 20
+    ~1M pixels per chunk bound the transient memory (~250 MB) while keeping kernels large. ``budget``
+    (pixels per chunk) overrides that: `RandAugment(chunk_pixels=...)`, for measuring."""
+    if budget is None:
+        budget = 1 << 16 if device.type == "cpu" else 1 << 20
     return max(1, budget // (h * w))
 
 
@@ -576,7 +578,7 @@ class RandAugment:
 
     def __init__(self, spec: str | RandAugmentSpec = "rand-m9-mstd0.5-inc1",
                  fill: tuple[int, int, int] = IMAGENET_FILL, interpolation: str = "bicubic",
-                 translate_pct: float = 0.45, geometry: str = "grid_sample") -> None:
+                 translate_pct: float = 0.45, geometry: str = "grid_sample", chunk_pixels: int | None = None) -> None:
         self.spec = parse_spec(spec) if isinstance(spec, str) else spec
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, not {interpolation!r}")
@@ -588,6 +590,7 @@ class RandAugment:
         self.interpolation = interpolation
         self.translate_pct = float(translate_pct)
         self.geometry = geometry
+        self.chunk_pixels = chunk_pixels  # pixels per kernel call; None: `_chunk_images`'s default per device
         self.op_names: tuple[str, ...] = self.spec.op_names
         self._kinds = np.array([_KIND[name] for name in self.op_names], dtype=np.int64)
         self._fills: dict[torch.device, torch.Tensor] = {}
@@ -666,7 +669,7 @@ class RandAugment:
         device_plan = host_plan.to(images.device, non_blocking=True)
 
         x = images
-        chunk = _chunk_images(images.device, h, w)
+        chunk = _chunk_images(images.device, h, w, self.chunk_pixels)
         for step in range(len(layers)):
             # a new tensor, so the writes below never touch the caller's images
             x = _index_select_rows(x, device_plan[step, :, 0].long())

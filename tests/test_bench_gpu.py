@@ -41,7 +41,7 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
         for repeats in (3, 1):
             assert f"| full pipeline | deit_s_distill, {source} teacher, x{repeats} |" in table
     assert "| peers | deit_b_distill, online teacher, timm+PIL |" in table
-    assert table.count("| DALI alone |") == 4
+    assert table.count("| DALI alone |") == 4 and table.count("| batch augmentation | RandAugment alone") == 3
     assert "full pipeline (cache, x3) / model only" in table
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written

@@ -460,3 +460,11 @@ def test_bench_runs(capsys: pytest.CaptureFixture[str]):
     line = bench(n=4, size=32, repeats=1)
     assert "img/s" in line and "timm" in line
     assert line in capsys.readouterr().out
+
+
+def test_chunking_never_changes_the_result(images: np.ndarray):
+    """Images per kernel call (``chunk_pixels``) is a speed knob only."""
+    batch = to_batch(np.concatenate([images] * 4))
+    params = RandAugment().draw(np.random.default_rng(5), batch.shape[0])
+    outs = [RandAugment(chunk_pixels=c).apply(batch, params) for c in (None, 1, H * W * 3, 1 << 30)]
+    assert all(torch.equal(outs[0], out) for out in outs[1:])

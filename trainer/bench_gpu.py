@@ -393,6 +393,30 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
                                     ("decode once -> 3 RRC views", 3, False),
                                     ("decode once -> 3 views + batch augmentation", 3, True)):
         rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g))
+    for chunk in (None, 1 << 22, 1 << 30):  # the default chunk of images per kernel, 4x it, the whole batch
+        label = f"RandAugment alone, chunk {'default' if chunk is None else f'{chunk >> 20} Mpx'}"
+        rows.add("batch augmentation", label, lambda c=chunk, a=label: _rand_augment_alone(s, device, c, a))
+
+
+def _rand_augment_alone(s: Settings, device: torch.device, chunk: int | None, label: str) -> GpuRow:
+    """timm's rand-m9-mstd0.5-inc1 batched (`pipeline.randaugment`) on random uint8 views kept on the
+    device, channels_last as DALI hands them over; ``chunk``: pixels per kernel call."""
+    from pipeline.randaugment import RandAugment
+    from trainer.worker import _sync
+
+    views = torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    aug = RandAugment("rand-m9-mstd0.5-inc1", chunk_pixels=chunk)
+    rng = np.random.default_rng(0)
+    for _ in range(max(1, s.warmup)):
+        aug(views, rng)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(s.steps):
+        aug(views, rng)
+    _sync(device)
+    rate = s.batch * s.steps / (time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return GpuRow("batch augmentation", label, rate, None, None, peak, f"{s.batch} views of {s.size} px per call")
 
 
 def _free(device: torch.device) -> None:
