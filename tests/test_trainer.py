@@ -462,3 +462,20 @@ def test_an_elastic_run_resumes_a_checkpoint_of_another_worker_count(reference: 
         run(apply_overrides(config, ["scaling.min_workers=0"]), storage_path=str(tmp_path / "storage2"),
             name="fixed", options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1,
                                              resume=str(checkpoint)))
+
+
+@dali
+def test_a_teacher_actor_that_cannot_be_placed_is_a_clear_error(teacher_file: str, local_ray: Any) -> None:
+    import ray
+
+    from trainer.remote_teacher import RemoteTeacher
+
+    config = apply_overrides(recipes.get("demo_deit_tiny_distill"),
+                             [f"distill.teacher.pretrained_path={teacher_file}", "distill.source=remote",
+                              "distill.remote_actors=2"])
+    remote = RemoteTeacher.connect(config, "unplaceable", 0, use_gpu=True)  # this cluster has no GPU
+    try:
+        with pytest.raises(RuntimeError, match="2 teacher actors need 2 GPUs besides the 2 the workers take"):
+            remote.identity(timeout=3)
+    finally:
+        ray.kill(remote.actor)

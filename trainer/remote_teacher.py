@@ -66,8 +66,8 @@ def actor_name(run_name: str, index: int) -> str:
 class RemoteTeacher:
     """`trainer.worker.TeacherFn` over a teacher actor: ``submit`` a batch ahead, ``__call__`` collects it."""
 
-    def __init__(self, actor: Any, transport: torch.dtype) -> None:
-        self.actor, self.transport = actor, transport
+    def __init__(self, actor: Any, transport: torch.dtype, placement: str = "") -> None:
+        self.actor, self.transport, self.placement = actor, transport, placement
         self._pending: dict[int, Any] = {}  # step -> ObjectRef of its logits
 
     @classmethod
@@ -84,12 +84,20 @@ class RemoteTeacher:
         bf16 = config.runtime.bf16 and use_gpu
         actor = actor_cls.options(name=actor_name(run_name, index), get_if_exists=True).remote(
             dataclasses.asdict(d.teacher), config.runtime.channels_last, bf16)
-        return cls(actor, torch.bfloat16 if bf16 else torch.float32)
+        need = (f"{d.remote_actors} teacher actors need {d.remote_actors} GPUs besides the "
+                f"{config.scaling.num_workers} the workers take") if use_gpu else "the teacher actor"
+        return cls(actor, torch.bfloat16 if bf16 else torch.float32, need)
 
-    def identity(self) -> dict[str, str]:
+    def identity(self, timeout: float = 600.0) -> dict[str, str]:
+        """The actor's weights digest and device, once it runs; a clear error if it cannot be placed."""
         import ray
 
-        return ray.get(self.actor.identity.remote())
+        try:
+            return ray.get(self.actor.identity.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"distill.source=remote: the teacher actor did not start within {timeout:.0f} s; "
+                               f"{self.placement}: add GPUs to the cluster or lower distill.remote_actors "
+                               "(or use distill.source=online / cache)") from None
 
     def submit(self, x: torch.Tensor, step: int) -> None:
         """Send step ``step``'s augmented batch to the actor; returns at once."""
