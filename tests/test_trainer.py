@@ -292,7 +292,8 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
 
 
 CHECKPOINT_STEPS = (4, 6, 8, 12)  # every_n_steps=4 and each epoch's end (6, 12)
-FAULTS = [(1, 10), (0, random.Random(7).choice([5, 7, 9, 11]))]  # (rank, step); a seeded random step too
+# (rank, step): a fixed one, and a random step of each rank from seeded draws (several seeds, issue 7)
+FAULTS = [(1, 10), (0, random.Random(7).choice([5, 7, 9, 11])), (1, random.Random(13).choice([3, 5, 7, 9, 11]))]
 
 
 @dali
