@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.config import AugmentConfig, MixConfig
+from pipeline.layout import image_major, is_channels_last
 
 # timm's RandomErasing defaults (timm/data/random_erasing.py), which DeiT uses
 ERASE_MIN_AREA, ERASE_MAX_AREA, ERASE_MIN_ASPECT, ERASE_ATTEMPTS = 0.02, 1 / 3, 0.3, 10
@@ -28,10 +29,6 @@ ERASE_MIN_AREA, ERASE_MAX_AREA, ERASE_MIN_ASPECT, ERASE_ATTEMPTS = 0.02, 1 / 3, 
 class MixParams:
     lam: float
     cutmix_box: tuple[int, int, int, int] | None  # (y0, y1, x0, x1) when CutMix was chosen
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def normalize(views: torch.Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -44,7 +41,7 @@ def normalize(views: torch.Tensor, cfg: AugmentConfig, dtype: torch.dtype = torc
     mean = torch.tensor(cfg.mean, device=views.device, dtype=torch.float32) * 255.0
     inv_std = 1.0 / (torch.tensor(cfg.std, device=views.device, dtype=torch.float32) * 255.0)
     n, c, h, w = views.shape
-    if _is_channels_last(views):
+    if is_channels_last(views):
         out = views.permute(0, 2, 3, 1).to(torch.float32)  # contiguous NHWC
         out.view(-1, w * c).sub_(mean.repeat(w)).mul_(inv_std.repeat(w))
         out = out.permute(0, 3, 1, 2)
@@ -137,7 +134,7 @@ def mix(x: torch.Tensor, labels: torch.Tensor, params: MixParams, num_classes: i
         rows = _image_rows(x)
         reversed_rows = rows.index_select(0, torch.arange(len(rows) - 1, -1, -1, device=x.device))
         other = reversed_rows.mul_(1.0 - params.lam)
-        if inplace and (x.is_contiguous() or _is_channels_last(x)):  # rows is a view of x's memory
+        if inplace and (x.is_contiguous() or is_channels_last(x)):  # rows is a view of x's memory
             rows.mul_(params.lam).add_(other)  # the same float32 products and sum as the formula
         else:
             x = _from_image_rows(other.add_(rows * params.lam), x)
@@ -146,13 +143,12 @@ def mix(x: torch.Tensor, labels: torch.Tensor, params: MixParams, num_classes: i
 
 def _image_rows(x: torch.Tensor) -> torch.Tensor:
     """A [N, C*H*W] view of x's memory (NCHW or NHWC order), so that whole images move as rows."""
-    rows = x.permute(0, 2, 3, 1) if _is_channels_last(x) else x
-    return rows.reshape(len(x), -1) if rows.is_contiguous() else rows.contiguous().view(len(x), -1)
+    return image_major(x).reshape(len(x), -1)
 
 
 def _from_image_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     n, c, h, w = like.shape
-    if _is_channels_last(like):
+    if is_channels_last(like):
         return rows.view(n, h, w, c).permute(0, 3, 1, 2)
     return rows.view(n, c, h, w)
 

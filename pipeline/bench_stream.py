@@ -15,6 +15,7 @@ Bytes per view are the shard bytes read divided by the views produced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -52,7 +53,8 @@ def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: 
     batch_aug = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
     step = batch_aug if augment else (lambda views, labels, rng: (views, labels))
     batches = iter(loader)
-    step(*(lambda b: (b.views, b.labels, b.rng))(next(batches)))  # warm-up: build, first reads
+    first = next(batches)  # warm-up: build, first reads
+    step(first.views, first.labels, first.rng)
     _sync(device)
     start = time.perf_counter()
     done = 0
@@ -73,14 +75,11 @@ class PeerTransform:
 
     def __init__(self, transform):
         self.transform = transform
-        self.redrawn = 0
 
     def __call__(self, image):
         for _ in range(10):
-            try:
+            with contextlib.suppress(ValueError):
                 return self.transform(image)
-            except ValueError:
-                self.redrawn += 1
         return self.transform(image)
 
 

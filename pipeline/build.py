@@ -166,15 +166,15 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
     state = build_dir(cfg.dst, cfg.split)
     fs, root = state.fs_and_path()
     plan_path = f"{root}/plan.json"
-    if exists(fs, plan_path):
-        previous = (_read_state_file(fs, plan_path, ("digest",)) or {"digest": plan.digest})["digest"]
-        if previous != plan.digest:
-            if not cfg.overwrite:
-                raise BuildError(
-                    f"{state.url} holds an unfinished build of split {cfg.split!r} with other inputs; "
-                    f"pass --overwrite to discard it (or restore the source tree and options it was run with)"
-                )
-            fs.rm(root, recursive=True)
+    saved = _read_state_file(fs, plan_path, ("digest",)) if exists(fs, plan_path) else None
+    # a damaged plan file (None) says nothing; the parts carry their own plan digests
+    if saved is not None and saved["digest"] != plan.digest:
+        if not cfg.overwrite:
+            raise BuildError(
+                f"{state.url} holds an unfinished build of split {cfg.split!r} with other inputs; "
+                f"pass --overwrite to discard it (or restore the source tree and options it was run with)"
+            )
+        fs.rm(root, recursive=True)
     write_json(fs, plan_path, {"digest": plan.digest, "shards": len(plan.shards)})
     dfs, droot = cfg.dst.fs_and_path()
     parts: dict[int, dict[str, Any]] = {}

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.layout import image_major, is_channels_last
+
 __all__ = [
     "IMAGENET_FILL",
     "INCREASING_OPS",
@@ -538,23 +540,12 @@ def _warp_grid_sample(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, i
 # the transform
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x with the image dim first over contiguous memory (the NHWC view of a channels_last tensor), so
-    that row gathers and scatters move whole images (index_select on a permuted tensor takes a slow
-    elementwise path on the CPU)."""
-    return x.permute(0, 2, 3, 1) if _is_channels_last(x) else x.contiguous()
-
-
 def _index_select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, index)`` in x's memory format; always a new tensor. Runs on a 2-D view: the
     4-D CPU kernel is ~10x slower."""
-    rows = _rows(x)
+    rows = image_major(x)
     out = rows.reshape(rows.shape[0], -1).index_select(0, index).view(-1, *rows.shape[1:])
-    return out.permute(0, 3, 1, 2) if _is_channels_last(x) else out
+    return out.permute(0, 3, 1, 2) if is_channels_last(x) else out
 
 
 def _chunk_images(device: torch.device, h: int, w: int, budget: int | None = None) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.layout import is_channels_last
 from pipeline.randaugment import _brightness, _color, _contrast, _luma, _solarize
 
 __all__ = ["BLUR_RADIUS", "ThreeAugment", "ThreeAugmentParams", "GRAYSCALE", "SOLARIZE", "BLUR", "box_blur_weights"]
@@ -155,10 +156,7 @@ class ThreeAugment:
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if params.n != images.shape[0]:
             raise ValueError(f"params are for {params.n} images, the batch has {images.shape[0]}")
-        channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
-        x = images.contiguous()  # NCHW copy: whole images are rows for the index ops below
-        if x.data_ptr() == images.data_ptr():
-            x = x.clone()
+        x = images.clone(memory_format=torch.contiguous_format)  # NCHW: whole images are rows for index ops
         device = x.device
         if params.choice is not None:
             for kind in (GRAYSCALE, SOLARIZE, BLUR):
@@ -184,4 +182,4 @@ class ThreeAugment:
                     index = torch.as_tensor(rows, device=device)
                     args = _scalar_args(params.jitter_factor[rows, op], device)
                     x.index_copy_(0, index, fn(x.index_select(0, index), args))
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if is_channels_last(images) else x

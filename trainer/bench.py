@@ -240,16 +240,23 @@ def _timing_config(config: TrainConfig, shards_url: str, root: Path, cuda: bool,
         return config
     if d.source == "cache" and d.cache_url and not generated:  # the caller's cache of the caller's shards
         return replace(config, distill=replace(d, teacher=replace(d.teacher, pretrained_path=None)))
-    torch.manual_seed(config.runtime.seed)
-    weights = root / "teacher-random.pth"
-    torch.save(d.teacher.build().state_dict(), weights)
-    d = replace(d, teacher=replace(d.teacher, pretrained_path=str(weights)))
+    weights = random_teacher_weights(config, root / "teacher-random.pth")
+    d = replace(d, teacher=replace(d.teacher, pretrained_path=weights))
     if d.source == "cache":
         d = replace(d, cache_url=_random_teacher_cache(config, shards_url, str(weights), root / "cache"))
     return replace(config, distill=d)
 
 
-def _random_teacher_cache(config: TrainConfig, shards_url: str, weights: str, out: Path) -> str:
+def random_teacher_weights(config: TrainConfig, path: Path) -> str:
+    """The recipe's teacher with random weights (seeded by the recipe), saved to ``path``."""
+    torch.manual_seed(config.runtime.seed)
+    torch.save(config.distill.teacher.build().state_dict(), path)
+    return str(path)
+
+
+def _random_teacher_cache(config: TrainConfig, shards_url: str, weights: str, out: Path,
+                          workers: int | None = None) -> str:
+    """A teacher cache of ``weights`` over the shards (``workers=0``: in this process, without Ray)."""
     from pipeline.storage import Location
     from teacher_cache.build import CacheBuildConfig, build_cache
     from teacher_cache.teacher import TeacherSpec
@@ -257,7 +264,8 @@ def _random_teacher_cache(config: TrainConfig, shards_url: str, weights: str, ou
     t = config.distill.teacher
     log.info("trainer bench: building a teacher cache (%s, random weights) over %s", t.name, shards_url)
     build_cache(CacheBuildConfig(shards=Location(shards_url), out=Location(str(out)), augment=config.data.augment,
-                                 teacher=TeacherSpec(t.name, weights, config.model.num_classes, t.img_size)))
+                                 teacher=TeacherSpec(t.name, weights, config.model.num_classes, t.img_size),
+                                 workers=workers))
     return str(out)
 
 

@@ -110,30 +110,13 @@ def _recipe(name: str, s: Settings) -> TrainConfig:
     return apply_overrides(config, [*extra, *s.overrides])
 
 
-def _parts(config: TrainConfig, device: torch.device, teacher, steps_per_epoch: int, compile_model: bool):
-    from trainer.worker import local_parts
-
-    return local_parts(config, device, teacher, steps_per_epoch=steps_per_epoch, compile_model=compile_model)
-
-
 def _synthetic(config: TrainConfig, device: torch.device) -> Iterator:
     """One random batch of the loader's shape and layout on the device, handed out at every step."""
-    from pipeline.loader import Batch, plan_batch
-    from pipeline.views import batch_rng
+    from pipeline.loader import plan_batch
+    from trainer.worker import synthetic_batches
 
-    k = config.data.stream.repeats
-    n = plan_batch(config.data.batch_size, 1, k)
-    size = config.data.augment.image_size
-    g = torch.Generator().manual_seed(0)
-    views = torch.randint(0, 256, (n * k, size, size, 3), dtype=torch.uint8, generator=g).to(device)
-    labels = torch.randint(0, config.model.num_classes, (n,), generator=g).repeat_interleave(k).to(device)
-    rows = np.repeat(np.arange(n), k)
-    step = 0
-    while True:
-        yield Batch(views.permute(0, 3, 1, 2), labels, [f"s{r}" for r in rows],
-                    torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n * k, 1), torch.zeros(n * k, dtype=torch.int32),
-                    step, batch_rng(0, 0, step), rows)
-        step += 1
+    images = plan_batch(config.data.batch_size, 1, config.data.stream.repeats)
+    return synthetic_batches(config, device, images, torch.Generator().manual_seed(0))
 
 
 def _time(p, batches: Iterator, s: Settings, step=None) -> tuple[float, float, float | None]:
@@ -201,7 +184,7 @@ class _Rows:
 
 
 def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool) -> None:
-    from trainer.worker import _ConstantTeacher
+    from trainer.worker import _ConstantTeacher, local_parts
 
     flops: dict[str, float] = {}
 
@@ -211,10 +194,10 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
         if config.distill.kind != "none":
             views = len(next(_synthetic(config, device)).keys)
             teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
-        p = _parts(config, device, teacher, 1000, compile_model)
+        p = local_parts(config, device, teacher, compile_model=compile_model)
         batches = _synthetic(config, device)
         if name not in flops:  # counted on the eager step (the same mathematics compiled)
-            eager = p if not compile_model else _parts(config, device, teacher, 1000, False)
+            eager = p if not compile_model else local_parts(config, device, teacher)
             flops[name] = _step_flops(eager, next(batches))
             del eager
         rate, wait, mem = _time(p, batches, s)
@@ -232,7 +215,7 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
     from pipeline.storage import Location
     from pipeline.stream import ShardSet
     from trainer.overrides import apply_overrides
-    from trainer.worker import build_teacher
+    from trainer.worker import build_teacher, local_parts
 
     shards = ShardSet.open(Location(shards_url), "train")
     data_device = "cpu" if device.type == "cpu" else str(device)
@@ -245,7 +228,7 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                                         f"data.train_url={url}", f"data.val_url={url}"])
         teacher, _ = build_teacher(config, device, where)
         loader = TrainLoader(where, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
-        p = _parts(config, device, teacher, loader.steps_per_epoch, False)
+        p = local_parts(config, device, teacher, steps_per_epoch=loader.steps_per_epoch)
         rate, wait, mem = _time(p, iter(loader), s)
         del p, loader, teacher
         _free(device)
@@ -296,23 +279,15 @@ def _object_store(root: Path, shards) -> Iterator:
 
 def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str]:
     """Random teacher weights saved under ``root`` and a cache of that teacher over the shards (no Ray)."""
-    from pipeline.storage import Location
-    from teacher_cache.build import CacheBuildConfig, build_cache
-    from teacher_cache.teacher import TeacherSpec
+    from trainer.bench import _random_teacher_cache, random_teacher_weights
 
     root.mkdir(parents=True, exist_ok=True)
-    t = config.distill.teacher
-    torch.manual_seed(0)
-    weights = root / "teacher-random.pth"
-    torch.save(t.build().state_dict(), weights)
     started = time.perf_counter()
-    info = build_cache(CacheBuildConfig(shards=Location(shards_url), out=Location(str(root / "cache")), workers=0,
-                                        augment=config.data.augment,
-                                        teacher=TeacherSpec(t.name, str(weights), config.model.num_classes,
-                                                            t.img_size)))
-    log.info("bench_gpu: teacher cache of %s built in %.1f s (%d images, %d bytes/image)", t.name,
-             time.perf_counter() - started, info["num_samples"], info["bytes_per_image"])
-    return str(weights), str(root / "cache")
+    weights = random_teacher_weights(config, root / "teacher-random.pth")
+    cache = _random_teacher_cache(config, shards_url, weights, root / "cache", workers=0)
+    log.info("bench_gpu: teacher cache of %s built in %.1f s", config.distill.teacher.name,
+             time.perf_counter() - started)
+    return weights, cache
 
 
 class _ShardBytes(torch.utils.data.Dataset):
@@ -343,7 +318,7 @@ def _peers(s: Settings, device: torch.device, base: TrainConfig, weights: str, s
 
     from pipeline.bench_stream import PeerTransform
     from trainer.overrides import apply_overrides
-    from trainer.worker import build_teacher, optimizer_step
+    from trainer.worker import build_teacher, local_parts, optimizer_step
 
     config = apply_overrides(base, ["distill.source=online", f"distill.teacher.pretrained_path={weights}",
                                     "data.stream.repeats=1"])
@@ -358,7 +333,7 @@ def _peers(s: Settings, device: torch.device, base: TrainConfig, weights: str, s
     mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob,
                   label_smoothing=m.label_smoothing, num_classes=config.model.num_classes)
     teacher, _ = build_teacher(config, device, shards)
-    p = _parts(config, device, teacher, 1000, False)
+    p = local_parts(config, device, teacher)
 
     def batches() -> Iterator:
         while True:

@@ -99,17 +99,19 @@ class RemoteTeacher:
                                f"{self.placement}: add GPUs to the cluster or lower distill.remote_actors "
                                "(or use distill.source=online / cache)") from None
 
+    def _send(self, x: torch.Tensor) -> Any:
+        return self.actor.logits.remote(x.detach().to(self.transport).cpu())
+
     def submit(self, x: torch.Tensor, step: int) -> None:
         """Send step ``step``'s augmented batch to the actor; returns at once."""
-        self._pending[step] = self.actor.logits.remote(x.detach().to(self.transport).cpu())
+        self._pending[step] = self._send(x)
 
     def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
         import ray
 
-        step = batch.step if batch is not None else None
-        ref = self._pending.pop(step, None) if step is not None else None
+        ref = self._pending.pop(batch.step, None) if batch is not None else None
         if ref is None:  # not sent ahead (a first step, a caller without look-ahead): send it now
-            ref = self.actor.logits.remote(x.detach().to(self.transport).cpu())
+            ref = self._send(x)
         return ray.get(ref).to(x.device, non_blocking=True)
 
 

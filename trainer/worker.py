@@ -69,7 +69,7 @@ from trainer.tracking import NullTracker, Tracker, TrackingSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "local_parts", "build_teacher",
-           "loss_config", "train_step", "optimizer_step", "evaluate", "checkpoint"]
+           "loss_config", "synthetic_batches", "train_step", "optimizer_step", "evaluate", "checkpoint"]
 
 LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
 
@@ -434,19 +434,25 @@ def _batches(p: Parts) -> Iterator[Batch]:
 
 
 def _synthetic_batches(p: Parts, g: torch.Generator) -> Iterator[Batch]:
-    """One random batch of this rank's shape (uint8 views laid out as the loader's, on its device), handed
-    out at every step with that step's batch rng: the step without the loader."""
-    n, k, size = p.loader.images_per_step, p.loader.repeats, p.config.data.augment.image_size
+    return synthetic_batches(p.config, p.device, p.loader.images_per_step, g, p.step, p.rank, len(p.loader.shards))
+
+
+def synthetic_batches(config: TrainConfig, device: torch.device, images_per_step: int, g: torch.Generator,
+                      start_step: int = 0, rank: int = 0, num_rows: int | None = None) -> Iterator[Batch]:
+    """One random batch of a rank's shape (uint8 views laid out as the loader's, on ``device``), handed
+    out at every step with that step's batch rng: the step without the loader. ``num_rows``: manifest
+    rows the batch names (a teacher cache is looked up by them)."""
+    n, k, size = images_per_step, config.data.stream.repeats, config.data.augment.image_size
     views = torch.randint(0, 256, (n * k, size, size, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
-    views = views.to(p.device)  # NCHW view of NHWC memory, as the loader's
-    labels = torch.randint(0, p.config.model.num_classes, (n,), generator=g).repeat_interleave(k).to(p.device)
-    rows = np.repeat(np.arange(n) % len(p.loader.shards), k)
+    views = views.to(device)  # NCHW view of NHWC memory, as the loader's
+    labels = torch.randint(0, config.model.num_classes, (n,), generator=g).repeat_interleave(k).to(device)
+    rows = np.repeat(np.arange(n) % (num_rows or n), k)
     keys = [f"synthetic-{r}" for r in rows]
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n * k, 1)
     flips = torch.zeros(n * k, dtype=torch.int32)
-    seed = p.config.data.stream.seed
-    for step in itertools.count(p.step):
-        yield Batch(views, labels, keys, boxes, flips, step, batch_rng(seed, p.rank, step), rows)
+    seed = config.data.stream.seed
+    for step in itertools.count(start_step):
+        yield Batch(views, labels, keys, boxes, flips, step, batch_rng(seed, rank, step), rows)
 
 
 def _bench_timing(p: Parts, timer: _Timer) -> dict[str, float]:
@@ -487,16 +493,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     val_shards = ShardSet.open(Location(config.data.val_url), "val")
     restored = _restore(options, train_shards.fingerprint)
     resized = restored is not None and _check_restored(restored, config, rank, world)
-    torch.manual_seed(config.runtime.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    bare = config.model.build()
-    if restored is not None:
-        bare.load_state_dict(restored.model)
-    elif config.model.pretrained_path:
-        load_pretrained(bare, config.model.pretrained_path)
-    if config.model.distilled:
-        bare.set_distilled_training(True)  # timm: return (cls, dist) logits in training mode
-    if config.runtime.channels_last:
-        bare = bare.to(memory_format=torch.channels_last)
+    bare = _student(config, restored.model if restored is not None else None)
     model = ray.train.torch.prepare_model(bare, move_to_device=device)
     if config.runtime.compile:
         model = torch.compile(model)
@@ -543,18 +540,28 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     return p
 
 
+def _student(config: TrainConfig, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The bare student: built with the run's seed (the same initial weights on every rank; DDP broadcasts
+    rank 0's anyway), then a checkpoint's ``state`` or ``model.pretrained_path``, in training form."""
+    torch.manual_seed(config.runtime.seed)
+    model = config.model.build()
+    if state is not None:
+        model.load_state_dict(state)
+    elif config.model.pretrained_path:
+        load_pretrained(model, config.model.pretrained_path)
+    if config.model.distilled:
+        model.set_distilled_training(True)  # timm: return (cls, dist) logits in training mode
+    if config.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | None = None,
                 loader: TrainLoader | None = None, eval_loader: EvalLoader | None = None, steps_per_epoch: int = 1000,
                 compile_model: bool = False) -> Parts:
     """Parts for one process without Ray (rank 0 of 1, no DDP, no tracking, nothing restored): the GPU
     benchmark and tests build the same step and evaluation as a worker does."""
-    torch.manual_seed(config.runtime.seed)
-    model = config.model.build()
-    if config.model.distilled:
-        model.set_distilled_training(True)
-    model = model.to(device)
-    if config.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _student(config).to(device)
     if compile_model:
         model = torch.compile(model)
     schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
