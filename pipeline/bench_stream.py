@@ -83,14 +83,25 @@ class PeerTransform:
         return self.transform(image)
 
 
-def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, device: str, size: int) -> float:
+def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, device: str, size: int,
+                   augment: bool = True) -> float:
+    """views/s of the peers' loader with DeiT's whole transform (``augment``), or with decode + random
+    resized crop + flip alone (timm's RandomResizedCropAndInterpolation, bicubic: what DALI's graph does)."""
     import webdataset as wds
     from timm.data import Mixup, create_transform
 
     if device == "cpu":
         torch.set_num_threads(workers)  # the main process mixes the batch; each worker process has 1 thread
-    transform = PeerTransform(create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                                                interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1))
+    if augment:
+        transform = PeerTransform(create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                                   interpolation="bicubic", re_prob=0.25, re_mode="pixel",
+                                                   re_count=1))
+    else:
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision import transforms
+
+        transform = transforms.Compose([RandomResizedCropAndInterpolation(size, interpolation="bicubic"),
+                                        transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     fs, root = shards.location.fs_and_path()
     urls = [f"{root}/{name}" for name in shards.shard_names.values()]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
@@ -106,7 +117,9 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
     start, done = time.perf_counter(), 0
     while done < views:
         x, y = next(batches)
-        x, y = mixup(x.to(device, non_blocking=True), y.to(device))
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        if augment:
+            x, y = mixup(x, y)
         done += len(x)
     _sync(device)
     return done / (time.perf_counter() - start)
@@ -130,9 +143,16 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
             rows.append((name, rate, per_view))
         peer = bench_timm_pil(shards, batch, workers, views, device, size)
         rows.append(("timm+PIL DataLoader", peer, float(shards.sizes.mean())))
+        # decode + crop alone, the same two ways: where the time goes before any augmentation
+        crop_rate, crop_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False)
+        peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
     lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
-             f"{size}px, batch {batch}, {workers} workers, device {device}, full DeiT augmentation",
-             f"{'loader':<22}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"]
+             f"{size}px, batch {batch}, {workers} workers, device {device}",
+             f"{'loader (full DeiT augmentation)':<34}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"]
     for name, rate, per_view in rows:
-        lines.append(f"{name:<22}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / peer:>13.2f}")
+        lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / peer:>13.2f}")
+    lines.append(f"{'decode + random resized crop only':<34}{'views/s':>10}{'':>14}{'vs timm+PIL':>13}")
+    for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
+                                       ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):
+        lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / base:>13.2f}")
     return "\n".join(lines)
