@@ -702,11 +702,12 @@ class RandAugment:
 
 
 def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, seed: int = 0) -> str:
-    """Time this RandAugment on one batch against timm's per-image PIL RandAugment (one process) on the
-    same images; prints and returns one line with images/s for both. No assertions."""
+    """Time this RandAugment on one batch against timm's per-image PIL RandAugment (one process) and DALI's
+    stock ``rand_augment`` on the same images; prints and returns one line with images/s for each."""
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
+    from pipeline.dali_randaugment import stock_rand_augment_rate
     from pipeline.synthetic import photo_like
 
     rng = np.random.default_rng(seed)
@@ -747,10 +748,15 @@ def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, 
     timm_rate = n / (time.perf_counter() - start)
     random.setstate(py_state)
     np.random.set_state(np_state)
+    dali_rate = stock_rand_augment_rate(nhwc.cpu().numpy() if dev.type == "cpu" else nhwc,
+                                        None if dev.type == "cpu" else (dev.index or 0),
+                                        threads=torch.get_num_threads() if dev.type == "cpu" else 4,
+                                        repeats=repeats, seed=seed)
     where = f"{device}, {torch.get_num_threads()} threads" if dev.type == "cpu" else device
     line = (f"RandAugment rand-m9-mstd0.5-inc1, {n} x 3 x {size} x {size} uint8: ours ({where}) "
             f"{results[0]:,.0f} img/s (geometry='grid_sample'), {results[1]:,.0f} img/s (geometry='pil'); "
-            f"timm per-image PIL, 1 process: {timm_rate:,.0f} img/s"
+            f"timm per-image PIL, 1 process: {timm_rate:,.0f} img/s; DALI stock rand_augment n=2 m=9 (other "
+            f"semantics: the upper bound of a DALI auto_aug build), {where}: {dali_rate:,.0f} img/s"
             + (f" ({crashed} images raised in timm)" if crashed else ""))
     print(line)
     return line

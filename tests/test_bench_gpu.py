@@ -43,6 +43,8 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     assert "| peers | deit_b_distill, online teacher, timm+PIL |" in table
     assert table.count("| DALI alone |") == 4 and table.count("| batch augmentation | RandAugment alone") == 3
     assert "full pipeline (cache, x3) / model only" in table
+    assert "| batch augmentation | DALI stock rand_augment n=2 m=9 (baseline) | " in table
+    assert "RandAugment: ours (timm's semantics) / DALI stock rand_augment" in table
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written
     assert table.strip() in written

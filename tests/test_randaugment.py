@@ -458,7 +458,7 @@ def test_level_args_distribution_matches_timm(monkeypatch: pytest.MonkeyPatch):
 
 def test_bench_runs(capsys: pytest.CaptureFixture[str]):
     line = bench(n=4, size=32, repeats=1)
-    assert "img/s" in line and "timm" in line
+    assert "img/s" in line and "timm" in line and "DALI stock rand_augment" in line
     assert line in capsys.readouterr().out
 
 
@@ -468,3 +468,20 @@ def test_chunking_never_changes_the_result(images: np.ndarray):
     params = RandAugment().draw(np.random.default_rng(5), batch.shape[0])
     outs = [RandAugment(chunk_pixels=c).apply(batch, params) for c in (None, 1, H * W * 3, 1 << 30)]
     assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
+def test_dali_stock_baseline_augments_the_views_it_times():
+    """The DALI baseline of the bench really runs RandAugment (n=2, m=9) on the given views: same shape,
+    and most views changed, differently on two runs."""
+    from pipeline.dali_randaugment import stock_rand_augment, stock_rand_augment_rate
+    from pipeline.synthetic import photo_like
+
+    rng = np.random.default_rng(0)
+    views = np.stack([np.asarray(photo_like(rng, 48, 48)) for _ in range(16)])
+    pipe = stock_rand_augment(views, device_id=None, threads=1, seed=3)
+    first, second = (np.stack([np.asarray(t) for t in pipe.run()[0]]) for _ in range(2))
+    assert first.shape == views.shape and first.dtype == np.uint8
+    changed = [not np.array_equal(a, v) for a, v in zip(first, views, strict=True)]
+    assert sum(changed) >= 12
+    assert not np.array_equal(first, second)
+    assert stock_rand_augment_rate(views, device_id=None, threads=1, repeats=1) > 0

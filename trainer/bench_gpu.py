@@ -59,6 +59,9 @@ _PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800"
           ("L40S", 362e12), ("A10G", 125e12))
 
 
+DALI_STOCK_RA = "DALI stock rand_augment n=2 m=9 (baseline)"
+
+
 def peak_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name``), None if unknown."""
     for key, value in _PEAKS:
@@ -371,6 +374,7 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
     for chunk in (None, 1 << 22, 1 << 30):  # the default chunk of images per kernel, 4x it, the whole batch
         label = f"RandAugment alone, chunk {'default' if chunk is None else f'{chunk >> 20} Mpx'}"
         rows.add("batch augmentation", label, lambda c=chunk, a=label: _rand_augment_alone(s, device, c, a))
+    rows.add("batch augmentation", DALI_STOCK_RA, lambda: _dali_stock_rand_augment(s, device, DALI_STOCK_RA))
 
 
 def _rand_augment_alone(s: Settings, device: torch.device, chunk: int | None, label: str) -> GpuRow:
@@ -392,6 +396,21 @@ def _rand_augment_alone(s: Settings, device: torch.device, chunk: int | None, la
     rate = s.batch * s.steps / (time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GpuRow("batch augmentation", label, rate, None, None, peak, f"{s.batch} views of {s.size} px per call")
+
+
+def _dali_stock_rand_augment(s: Settings, device: torch.device, label: str) -> GpuRow:
+    """DALI's own ``rand_augment`` on the same kind of views: the upper bound of any DALI ``auto_aug``
+    build of timm's policy (`pipeline.dali_randaugment`)."""
+    from pipeline.dali_randaugment import stock_rand_augment_rate
+
+    views = torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # DALI reads the views on its own stream
+        rate = stock_rand_augment_rate(views, device.index or 0, threads=s.threads, repeats=max(1, s.steps))
+    else:
+        rate = stock_rand_augment_rate(views.numpy(), None, threads=s.threads, repeats=max(1, s.steps))
+    return GpuRow("batch augmentation", label, rate, None, None, None,
+                  f"{s.batch} views of {s.size} px per run; other semantics (fixed magnitude, no p=0.5, DALI's op set)")
 
 
 def _free(device: torch.device) -> None:
@@ -473,6 +492,10 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
         eager, compiled = by_name.get(name), by_name.get(f"{name} compiled")
         if eager is not None and compiled is not None:
             line(f"{name}: compiled / timm eager step", compiled.views_per_s / eager.views_per_s, 2.0)
+    ours, stock = by_name.get("RandAugment alone, chunk default"), by_name.get(DALI_STOCK_RA)
+    if ours is not None and stock is not None:
+        line("RandAugment: ours (timm's semantics) / DALI stock rand_augment", ours.views_per_s / stock.views_per_s,
+             None)
     return out
 
 
