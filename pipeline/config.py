@@ -20,6 +20,7 @@ class AugmentConfig:
 
     image_size: int = 224
     crop: str = "rrc"  # "rrc": random resized crop; "simple": DeiT III's resize + random crop
+    crop_pad: int = 4  # "simple" only: pixels of reflect padding around the resized image (DeiT III: 4)
     scale: tuple[float, float] = (0.08, 1.0)  # RRC area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RRC aspect ratio (sampled log-uniformly)
     interpolation: str = "bicubic"
@@ -38,6 +39,8 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.crop not in ("rrc", "simple"):
             raise ValueError(f"augment.crop={self.crop!r}: use 'rrc' or 'simple'")
+        if not 0 <= self.crop_pad < self.image_size // 2:
+            raise ValueError(f"augment.crop_pad={self.crop_pad}: must be in [0, image_size / 2), e.g. 4")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"augment.scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")
         if not 0 < self.ratio[0] <= self.ratio[1]:

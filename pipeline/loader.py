@@ -22,7 +22,7 @@ from pipeline.config import DataConfig
 from pipeline.dali_graph import eval_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
-from pipeline.views import batch_rng, draw_views, step_rng
+from pipeline.views import batch_rng, draw_views, reflect_outside, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,16 @@ class TrainLoader:
             meta = self._pending.popleft()
             images = to_torch(views, self.device)  # [n, k, S, S, 3]
             n, k, size = images.shape[0], images.shape[1], images.shape[2]
-            images = images.reshape(n * k, size, size, 3).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+            images = images.reshape(n * k, size, size, 3)
+            boxes, flips = torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips)
+            if self.data.augment.crop == "simple":
+                images = reflect_outside(images, boxes, flips)
+            images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
             labels = to_torch(labels, self.device).reshape(n).repeat_interleave(k)
             self.step = meta.step + 1
             self._state = {"stream": {**self.stream.state_dict(), "position": meta.position}, "step": self.step}
-            yield Batch(images, labels, meta.keys, torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips),
-                        meta.step, batch_rng(self.data.stream.seed, self.rank, meta.step), meta.rows)
+            yield Batch(images, labels, meta.keys, boxes, flips, meta.step,
+                        batch_rng(self.data.stream.seed, self.rank, meta.step), meta.rows)
 
 
 class EvalLoader:

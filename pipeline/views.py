@@ -5,8 +5,9 @@ timm's ``RandomResizedCrop.get_params`` (10 attempts at a random area and log-un
 a centre-crop fallback), every view knows its crop box and flip (what a crop-aware teacher cache needs),
 and the draw is seeded by (seed, rank, step), so a resumed run draws the same views.
 
-Boxes are relative to the source image: ``(y0, x0, y1, x1)`` in [0, 1], the order DALI's ``fn.resize``
-takes for ``roi_start`` / ``roi_end`` on HWC images.
+Boxes are relative to the source image: ``(y0, x0, y1, x1)``, the order DALI's ``fn.resize`` takes for
+``roi_start`` / ``roi_end`` on HWC images; in [0, 1] except for DeiT III's simple crop, whose padding
+reaches a few pixels outside (`reflect_outside` mirrors them in after DALI).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.config import AugmentConfig
 
@@ -68,16 +70,57 @@ def random_resized_boxes(rng: np.random.Generator, widths: np.ndarray, heights: 
 
 
 def simple_random_boxes(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray,
-                        size: int) -> np.ndarray:
-    """DeiT III's simple random crop: resize the shorter side to ``size``, take a random size x size
-    crop. (The reference also pads 4 px by reflection before cropping; we do not.)"""
+                        size: int, pad: int = 0) -> np.ndarray:
+    """DeiT III's simple random crop (``Resize(size)``, ``RandomCrop(size, padding=pad,
+    padding_mode='reflect')``): the shorter side resized to ``size``, the longer to ``int(size * long /
+    short)``, ``pad`` pixels added around, a size x size crop at a uniform integer position. Returns pixel
+    boxes ``(top, left, h, w)`` in source pixels, float64 [n, 4]; a box reaches up to ``pad`` resized
+    pixels outside the image, which `reflect_outside` fills after the resize."""
     widths = widths.astype(np.float64)
     heights = heights.astype(np.float64)
     side = np.minimum(widths, heights)
     step = side / size  # source pixels per output pixel
-    top = np.floor(rng.random(len(widths)) * (heights / step - size + 1)) * step
-    left = np.floor(rng.random(len(widths)) * (widths / step - size + 1)) * step
-    return np.stack([top, left, side, side], axis=1)
+    resized_h = np.floor(heights / step + 1e-9)  # torchvision: int(size * long / short)
+    resized_w = np.floor(widths / step + 1e-9)
+    top = np.floor(rng.random(len(widths)) * (resized_h + 2 * pad - size + 1)) - pad
+    left = np.floor(rng.random(len(widths)) * (resized_w + 2 * pad - size + 1)) - pad
+    return np.stack([top * step, left * step, side, side], axis=1)
+
+
+def _outside(lo: torch.Tensor, hi: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output pixels of a view before and after the image along one axis, from its relative box edges."""
+    per_pixel = (hi - lo) / size
+    before = torch.round(torch.clamp(-lo, min=0) / per_pixel).long()
+    after = torch.round(torch.clamp(hi - 1, min=0) / per_pixel).long()
+    return before, after
+
+
+def _reflect_index(before: torch.Tensor, after: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, size] source index per output index: inside kept, outside mirrored about the edge pixel."""
+    i = torch.arange(size, device=before.device)[None, :]
+    first, last = before[:, None], (size - 1 - after)[:, None]
+    return torch.where(i < first, 2 * first - i, torch.where(i > last, 2 * last - i, i))
+
+
+def reflect_outside(views: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Fill the pixels of each view that lie outside its image by reflection (``padding_mode='reflect'``:
+    ``c b | a b c``, the edge pixel not repeated). DALI's resize clamps there (``a a | a b c``).
+
+    ``views`` uint8 [n, S, S, C] (the views as DALI hands them over, after the flip), ``boxes`` [n, 4]
+    relative (y0, x0, y1, x1) that may reach outside [0, 1], ``flips`` [n]. Returns a new tensor, or
+    ``views`` itself when no view reaches outside."""
+    size = views.shape[1]
+    boxes = boxes.to(views.device, torch.float64)
+    top, bottom = _outside(boxes[:, 0], boxes[:, 2], size)
+    left, right = _outside(boxes[:, 1], boxes[:, 3], size)
+    if not bool((top + bottom + left + right).any()):
+        return views
+    flipped = flips.to(views.device).bool()
+    left, right = torch.where(flipped, right, left), torch.where(flipped, left, right)  # mirrored columns
+    rows = _reflect_index(top, bottom, size)
+    cols = _reflect_index(left, right, size)
+    n = torch.arange(len(views), device=views.device)[:, None, None]
+    return views[n, rows[:, :, None], cols[:, None, :]]
 
 
 def draw_views(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray, repeats: int,
@@ -89,8 +132,10 @@ def draw_views(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray
     if cfg.crop == "rrc":
         pixel = random_resized_boxes(rng, w, h, cfg.scale, cfg.ratio).astype(np.float64)
     else:
-        pixel = simple_random_boxes(rng, w, h, cfg.image_size)
+        pixel = simple_random_boxes(rng, w, h, cfg.image_size, cfg.crop_pad)
     top, left, ch, cw = pixel.T
     rel = np.stack([top / h, left / w, (top + ch) / h, (left + cw) / w], axis=1)
+    if cfg.crop == "rrc":  # inside the image by construction: clip float error only
+        rel = np.clip(rel, 0.0, 1.0)
     flips = (rng.random(n * repeats) < cfg.hflip).astype(np.int32)
-    return Views(np.clip(rel, 0.0, 1.0).astype(np.float32).reshape(n, repeats, 4), flips.reshape(n, repeats))
+    return Views(rel.astype(np.float32).reshape(n, repeats, 4), flips.reshape(n, repeats))

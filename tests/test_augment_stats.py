@@ -153,3 +153,64 @@ def test_fast_batch_steps_equal_the_formulas_bit_for_bit(layout: str) -> None:
         expected = mix_formula(x, params)
         assert torch.equal(pure, expected) and torch.equal(inplace, expected)
         assert inplace.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_simple_random_crop_positions_are_torchvisions_over_the_padded_image() -> None:
+    """DeiT III: Resize(224) then RandomCrop(224, padding=4): 9 x 9 equally likely positions on a square
+    image, reaching 4 resized pixels outside it; on a 500 x 375 image the longer side leaves more room."""
+    import torchvision.transforms as T
+
+    n = 18_000
+    cfg = AugmentConfig(crop="simple", image_size=224)
+    views = draw_views(np.random.default_rng(3), np.full(n, 300), np.full(n, 300), 1, cfg)
+    y0, x0, y1, x1 = views.boxes[:, 0].T
+    tops, lefts = np.round(y0 * 224).astype(int), np.round(x0 * 224).astype(int)
+    assert np.allclose(y0 * 224, tops, atol=1e-3) and np.allclose(y1 - y0, 1.0)
+    torch.manual_seed(0)
+    padded = Image.new("RGB", (232, 232))
+    theirs = np.array([T.RandomCrop.get_params(padded, (224, 224)) for _ in range(n)]) - 4
+    for ours, ref in ((tops, theirs[:, 0]), (lefts, theirs[:, 1])):
+        assert set(ours) == set(ref) == set(range(-4, 5))
+        counts = np.bincount(ours + 4, minlength=9) / n
+        assert np.abs(counts - 1 / 9).max() < 0.012
+    wide = draw_views(np.random.default_rng(4), np.full(n, 500), np.full(n, 375), 1, cfg).boxes[:, 0]
+    lefts = np.round(wide[:, 1] * 500 * 224 / 375).astype(int)  # resized 298 x 224: int(224 * 500 / 375)
+    assert lefts.min() == -4 and lefts.max() == 298 + 4 - 224
+
+
+@pytest.mark.parametrize("flip", [0, 1])
+def test_simple_crop_through_dali_equals_torchvisions_reflect_padded_crop(flip: int) -> None:
+    """The DALI graph + `reflect_outside` give DeiT III's released transform pixel for pixel where the
+    resize is the identity (shorter side already 224; PNG, so decoding is lossless too)."""
+    import io
+
+    import torchvision.transforms.functional as TF
+
+    from pipeline.dali_graph import train_graph
+    from pipeline.synthetic import photo_like
+    from pipeline.views import reflect_outside
+
+    size, pad = 48, 4
+    cfg = AugmentConfig(crop="simple", image_size=size, crop_pad=pad)
+    picture = photo_like(np.random.default_rng(5), 61, size)  # W x H = 61 x 48: resized is itself
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    positions = [(-4, -4), (4, 61 + 4 - size), (0, 7), (-2, 3)]  # (top, left) in resized = source pixels
+    boxes = np.array([[t / size, left / 61, (t + size) / size, (left + size) / 61] for t, left in positions],
+                     np.float32)
+    flips = np.full(len(positions), flip, np.int32)
+
+    def source():
+        return ([np.frombuffer(encoded.getvalue(), np.uint8)], [boxes], [flips], [np.array(0, np.int64)])
+
+    pipe = train_graph(source, 1, len(positions), cfg, device_id=None, num_threads=1)
+    pipe.build()
+    views, _ = pipe.run()
+    got = reflect_outside(torch.from_numpy(np.array(views.as_tensor())[0]), torch.from_numpy(boxes),
+                          torch.from_numpy(flips))
+    padded = TF.pad(picture, pad, padding_mode="reflect")  # what RandomCrop(padding=4, 'reflect') crops from
+    for view, (top, left) in zip(got.numpy(), positions, strict=True):
+        expected = TF.crop(padded, top + pad, left + pad, size, size)
+        if flip:
+            expected = TF.hflip(expected)
+        assert np.array_equal(view, np.asarray(expected)), (top, left)

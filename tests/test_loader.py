@@ -61,6 +61,21 @@ def test_batches_hold_k_different_views_of_each_image_in_one_step(shards: ShardS
         assert batch.boxes.min() >= 0 and batch.boxes.max() <= 1 and set(batch.flips.tolist()) <= {0, 1}
 
 
+def test_simple_crop_views_are_reflect_padded_where_they_reach_outside(shards: ShardSet) -> None:
+    """DeiT III's simple crop through the loader: a view whose box starts above its image mirrors the
+    rows below the edge into the padding (reflect, edge row not repeated)."""
+    loader = TrainLoader(shards, _data(batch=12, repeats=3, crop="simple"), world=1)
+    checked = 0
+    for batch in _take(loader, 3):
+        views = batch.views.permute(0, 2, 3, 1)  # [n, S, S, 3]
+        for view, box in zip(views, batch.boxes, strict=True):
+            pad = round(float(-box[0]) * SIZE / float(box[2] - box[0]))
+            if pad > 0:
+                assert torch.equal(view[:pad].flip(0), view[pad + 1:2 * pad + 1])
+                checked += 1
+    assert checked >= 3
+
+
 def test_every_image_exactly_once_per_pass_and_k_views_each(shards: ShardSet) -> None:
     loader = TrainLoader(shards, _data(batch=12, repeats=3), world=1)
     images = len(shards)  # one pass: every image once -> 3 views each
