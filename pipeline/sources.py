@@ -109,33 +109,46 @@ def _loops_back(entry: os.DirEntry, split_dir: Path) -> bool:
     return target == here or target in here.parents
 
 
+def class_name(folder: str) -> str:
+    """A class's identity: its name in Unicode NFC. macOS writes folder names decomposed (NFD), most other
+    tools composed (NFC): a train split copied from a Mac and a val split unpacked on Linux must agree."""
+    return unicodedata.normalize("NFC", folder)
+
+
 def _scan_class_folders(split_dir: Path, class_dirs: list[os.DirEntry], loose: list[os.DirEntry],
                         classes: list[str] | None) -> SourceListing:
-    names = [d.name for d in class_dirs]
-    for name in names:
-        if display_path(name) != name:  # undecodable bytes, kept by os as surrogates
-            raise SourceError(f"{split_dir}: class folder '{display_path(name)}' has a name that is not valid "
+    for d in class_dirs:
+        if display_path(d.name) != d.name:  # undecodable bytes, kept by os as surrogates
+            raise SourceError(f"{split_dir}: class folder '{display_path(d.name)}' has a name that is not valid "
                               f"UTF-8; rename it (class names are written to classes.json)")
+    folders: dict[str, str] = {}
+    for d in class_dirs:
+        other = folders.setdefault(class_name(d.name), d.name)
+        if other != d.name:
+            raise SourceError(f"{split_dir}: class folders {other!r} and {d.name!r} are the same name in two "
+                              f"Unicode forms (NFC and NFD); merge them into one folder or rename one")
+    names = sorted(folders)
     if classes is None:
         classes = names
     else:
-        unknown = sorted(set(names) - set(classes))
+        known = {class_name(c) for c in classes}
+        unknown = [name for name in names if name not in known]
         if unknown:
             raise SourceError(
                 f"{split_dir}: class folders {unknown[:5]} are not in the given class list "
                 f"({len(classes)} classes); build the train split first or pass the matching --classes"
             )
-    index = {name: i for i, name in enumerate(classes)}
+    index = {class_name(name): i for i, name in enumerate(classes)}
     samples: list[SourceSample] = []
     skipped = [Skipped(e.name, "image outside any class folder") for e in loose]
     empty: list[str] = []
     for class_dir in class_dirs:
         found = 0
         for relpath, size in _walk_files(Path(class_dir.path), class_dir.name, skipped):
-            samples.append(SourceSample(relpath, index[class_dir.name], size))
+            samples.append(SourceSample(relpath, index[class_name(class_dir.name)], size))
             found += 1
         if found == 0:
-            empty.append(class_dir.name)
+            empty.append(class_name(class_dir.name))
     return SourceListing(split_dir, "class-folders", list(classes), samples, skipped, empty)
 
 
@@ -176,9 +189,9 @@ def _scan_flat(root: Path, split_dir: Path, images: list[os.DirEntry], entries: 
         )
     labels = read_label_file(path)
     if classes is None:
-        textual = sorted({v for v in labels.values() if not v.isdigit()})
+        textual = sorted({class_name(v) for v in labels.values() if not v.isdigit()})
         classes = textual or [str(i) for i in range(max(int(v) for v in labels.values()) + 1)]
-    index = {name: i for i, name in enumerate(classes)}
+    index = {class_name(name): i for i, name in enumerate(classes)}
     samples: list[SourceSample] = []
     skipped = [Skipped(e.name, "not an image file (extension)") for e in entries
                if e.is_file() and not is_image_name(e.name) and Path(e.path) != path]
@@ -187,7 +200,7 @@ def _scan_flat(root: Path, split_dir: Path, images: list[os.DirEntry], entries: 
         if label_text is None:
             skipped.append(Skipped(display_path(entry.name), f"no label in {path.name}"))
             continue
-        label = int(label_text) if label_text.isdigit() else index.get(label_text)
+        label = int(label_text) if label_text.isdigit() else index.get(class_name(label_text))
         if label is None or not 0 <= label < len(classes):
             skipped.append(Skipped(display_path(entry.name), f"label {label_text!r} is not a known class"))
             continue

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_symlinks_loops_and_links_are_handled_and_reported(tmp_path: Path) -> No
 def test_unicode_class_and_file_names_round_trip_to_the_stream(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     split = tmp_path / "src" / "train"
-    names = {"café": ["naïve.JPEG", "日本語 の 写真.JPEG"], "cafe\u0301": ["nfd.JPEG"], "猫": ["😺.jpeg"],
+    names = {"café": ["naïve.JPEG", "日本語 の 写真.JPEG", "cafe\u0301.JPEG"], "猫": ["😺.jpeg"],
              "Ωmega": ["space name.JPEG", "ß.JPEG"]}
     files: dict[str, bytes] = {}
     for cls, members in names.items():
@@ -205,6 +206,37 @@ def test_unicode_class_and_file_names_round_trip_to_the_stream(tmp_path: Path) -
         source = by_key[sample.key]["source"]
         assert classes[sample.label] == source.split("/")[0], "the label names the class folder"
         assert sample.data == files[source], "the bytes of the file, unchanged"
+
+
+def test_class_names_match_across_unicode_forms_between_splits(tmp_path: Path) -> None:
+    """A train split with decomposed folder names (macOS: NFD) and a val split with composed ones (NFC)
+    number their classes alike; classes.json holds the NFC names; the files are read by their own names."""
+    rng = np.random.default_rng(6)
+    nfd, nfc = ["cafe\u0301", "Zu\u0308rich"], ["café", "Zürich"]
+    for split, names in (("train", nfd), ("val", nfc)):
+        for name in names:
+            (tmp_path / "src" / split / name).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / "src" / split / name / f"{i}.JPEG").write_bytes(jpeg_bytes(rng, 30, 20))
+    dst = tmp_path / "dst"
+    for split in ("train", "val"):
+        build_shards(BuildConfig(src=str(tmp_path / "src"), dst=Location(str(dst)), split=split, workers=1))
+    classes = read_classes(Location(str(dst)))
+    assert classes == sorted(nfc)
+    for split, names in (("train", nfd), ("val", nfc)):
+        rows = read_manifest_rows(fsspec.filesystem("file"), str(dst), split)
+        assert len(rows) == 4
+        for row in rows:
+            folder = row["source"].split("/")[0]
+            assert folder in names and classes[row["label"]] == unicodedata.normalize("NFC", folder)
+
+
+def test_one_class_in_two_unicode_forms_in_one_split_is_a_clear_error(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", num_classes=1, per_class=1, defects=False)
+    for name in ("café", "cafe\u0301"):
+        (tmp_path / "src" / "train" / name).mkdir()
+    with pytest.raises(BuildError, match=r"class folders .* are the same name in two Unicode forms \(NFC and NFD\)"):
+        _build(tmp_path / "src", tmp_path / "dst")
 
 
 def test_class_folder_name_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
