@@ -33,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shards", help="shards URL (default: scikit-learn digits, built on the spot)")
     bench.add_argument("--teacher", default="resnet10t")
     bench.add_argument("--weights", help="teacher weights (default: train a small one on the shards)")
-    bench.add_argument("--resolution", type=int, default=64)
+    bench.add_argument("--resolution", type=int, help="cache resolution (default: --size)")
     bench.add_argument("--topk", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--teacher-steps", type=int, default=300)
+    bench.add_argument("--size", type=int, default=32, help="side of the generated digits and of the train views")
     return parser
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from teacher_cache.bench import bench
 
         print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
-                    args.steps))
+                    args.steps, args.size))
         return 0
     except (CacheMismatch, TeacherError, ValueError) as exc:
         log.error("%s", exc)

@@ -184,3 +184,21 @@ def test_build_in_this_process_without_ray_writes_the_same_cache(digits, tmp_pat
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == names
     for name in names:
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+
+
+def test_bench_prints_agreement_by_crop_box_and_by_whole_image_and_step_rates() -> None:
+    """`teacher-cache bench` at toy size. Its teacher at 32 px has a 1 x 1 map (stride 32), which cannot
+    tell crops apart: the crop-box and whole-image columns must then agree to the digit."""
+    import re
+
+    from teacher_cache.bench import bench
+
+    text = bench(teacher_steps=3, steps=2, size=16, resolution=32, batch=12)
+    assert "(map 1x1, top-5)" in text and re.search(r"storage: \d+ bytes/image in memory", text)
+    for row in ("crops + flips only", "+ RandAugment, erasing", "+ Mixup/CutMix (DeiT)"):
+        match = re.search(rf"^{re.escape(row)}\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%$", text, re.M)
+        assert match, row
+        box, whole, online_right, cache_right = map(float, match.groups())
+        assert box == whole and all(0 <= v <= 100 for v in (box, online_right, cache_right))
+    for mode in ("none", "online", "cache"):
+        assert re.search(rf"^{mode} teacher\s+\d+\s+[\d.]+$", text, re.M), mode
