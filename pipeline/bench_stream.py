@@ -16,11 +16,13 @@ Bytes per view are the shard bytes read divided by the views produced.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.batch_aug import BatchAugment
@@ -125,6 +127,65 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
     return done / (time.perf_counter() - start)
 
 
+def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, repeats: int = 3) -> tuple[float, float]:
+    """views/s of the view's cut alone (random resized crop boxes of the recipe, bicubic, antialiased) on
+    images decoded beforehand: DALI's ``fn.resize`` as the train graph calls it (``crop_resize``), on
+    ``workers`` threads (CPU operators, or the GPU when there is one), against PIL's ``Image.resize``
+    with the same boxes on ``workers`` threads (PIL releases the GIL while it resamples)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvidia.dali import fn, pipeline_def
+    from PIL import Image
+
+    from pipeline.dali_graph import _interp, crop_resize
+    from pipeline.stream import SampleStream
+    from pipeline.views import draw_views
+
+    samples = SampleStream(shards, StreamConfig(shuffle_buffer=16), threads=1).take(min(images, len(shards)))
+    pictures = [Image.open(io.BytesIO(s.data)).convert("RGB") for s in samples]
+    arrays = [np.asarray(p) for p in pictures]
+    cfg = AugmentConfig(image_size=size)
+    boxes = draw_views(np.random.default_rng(0), np.array([p.width for p in pictures]),
+                       np.array([p.height for p in pictures]), repeats, cfg).boxes  # [n, k, 4]
+    device_id = 0 if torch.cuda.is_available() else None
+
+    runs = iter(range(1 << 30))
+
+    def feed() -> tuple[list, list]:  # run r cuts view r % k of every image
+        view = next(runs) % repeats
+        return arrays, [b[view] for b in boxes]
+
+    @pipeline_def(batch_size=len(arrays), num_threads=workers, device_id=device_id, exec_dynamic=True)
+    def graph():
+        decoded, box = fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""])
+        if device_id is not None:
+            decoded = decoded.gpu()
+        return crop_resize(decoded, box, size, _interp(cfg.interpolation))
+
+    pipe = graph()
+    pipe.build()
+    pipe.run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        (out,) = pipe.run()
+    if device_id is not None:
+        out.as_cpu()
+    dali_rate = len(arrays) * repeats / (time.perf_counter() - start)
+
+    def cut(i: int, v: int) -> Image.Image:
+        p, (y0, x0, y1, x1) = pictures[i], boxes[i, v]
+        return p.resize((size, size), Image.Resampling.BICUBIC,
+                        box=(x0 * p.width, y0 * p.height, x1 * p.width, y1 * p.height))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(cut, range(len(pictures)), [0] * len(pictures)))  # warm-up
+        start = time.perf_counter()
+        list(pool.map(cut, [i for i in range(len(pictures)) for _ in range(repeats)],
+                      [v for _ in range(len(pictures)) for v in range(repeats)]))
+    pil_rate = len(pictures) * repeats / (time.perf_counter() - start)
+    return dali_rate, pil_rate
+
+
 def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 48, workers: int | None = None,
                  views: int = 960, size: int = 224) -> str:
     workers = workers or os.cpu_count() or 1
@@ -146,6 +207,7 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
         # decode + crop alone, the same two ways: where the time goes before any augmentation
         crop_rate, crop_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False)
         peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
+        dali_resize, pil_resize = bench_resize(shards, workers, size)
     lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
              f"{size}px, batch {batch}, {workers} workers, device {device}",
              f"{'loader (full DeiT augmentation)':<34}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"]
@@ -155,4 +217,7 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
     for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
                                        ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):
         lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / base:>13.2f}")
+    lines.append(f"{'resize alone (decoded, same boxes)':<34}{'views/s':>10}{'':>14}{'vs PIL':>13}")
+    for name, rate in (("dali fn.resize", dali_resize), ("PIL Image.resize", pil_resize)):
+        lines.append(f"{name:<34}{rate:>10.0f}{'':>14}{rate / pil_resize:>13.2f}")
     return "\n".join(lines)

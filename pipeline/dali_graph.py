@@ -33,6 +33,15 @@ def _decoder_device(device_id: int | None) -> str:
     return "cpu" if device_id is None else "mixed"
 
 
+def crop_resize(images, box, size: int, interp):
+    """The view's cut: the relative ``box`` (y0, x0, y1, x1) of each image resized to size x size,
+    antialiased (PIL's resize filters its input when it shrinks, and timm's crops go through PIL)."""
+    from nvidia.dali import fn
+
+    return fn.resize(images, roi_start=box[0:2], roi_end=box[2:4], roi_relative=True, size=[size, size],
+                     interp_type=interp, antialias=True)
+
+
 def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg: AugmentConfig,
                 device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0):
     """A DALI pipeline: (encoded, boxes [k,4], flips [k], label) per image -> (views [k,S,S,3], label)."""
@@ -50,9 +59,7 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
         images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
         views = []
         for v in range(repeats):  # decoded once, cut k times
-            view = fn.resize(images, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4], roi_relative=True,
-                             size=[size, size], interp_type=interp, antialias=True)
-            views.append(fn.flip(view, horizontal=flips[v]))
+            views.append(fn.flip(crop_resize(images, boxes[v], size, interp), horizontal=flips[v]))
         stacked = fn.stack(*views) if repeats > 1 else fn.expand_dims(views[0], axes=[0])
         return stacked, labels
 

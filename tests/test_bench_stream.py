@@ -25,3 +25,5 @@ def test_bench_stream_prints_the_three_loaders_with_bytes_per_view() -> None:
     one, three, peer = rows["dali"][1], rows["dali x3"][1], rows["timm+PIL DataLoader"][1]
     assert three < 0.45 * peer and three < 0.45 * one, "x3 decodes once for 3 views: a third of the bytes"
     assert "24 images" in table
+    resize = dict(re.findall(r"^(dali fn\.resize|PIL Image\.resize)\s+\d+\s+([\d.]+)$", table, re.M))
+    assert set(resize) == {"dali fn.resize", "PIL Image.resize"} and resize["PIL Image.resize"] == "1.00", table
