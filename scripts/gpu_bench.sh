@@ -9,7 +9,9 @@
 #   device call N:       carry [".daliN"], command: bash scripts/gpu_bench.sh .daliN [bench_gpu options]
 #
 # It installs DALI from the parts into /tmp/site (once per machine), runs `python -m trainer.bench_gpu`
-# and leaves the table in $OUT/BENCHMARKS-gpu.md (append it to BENCHMARKS.md) and the log beside it.
+# and leaves the table in $OUT/BENCHMARKS-gpu.md (append it to BENCHMARKS.md) and the log beside it; the
+# table so far is rewritten after every row to $OUT/BENCHMARKS-gpu.md.partial, so a run killed at the device
+# limit still brings back what it measured. Pass --max-seconds so that the rows end before that limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 last=${1:-}
@@ -32,5 +34,6 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}:/tmp/site-s3
 out=${OUT:-/tmp/bench-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true
+df -h /dev/shm | tee -a "$out/gpu.txt" || true  # the peers' DataLoader workers hand batches over through it
 python3 -c "import nvidia.dali, torch; print('DALI', nvidia.dali.__version__, 'torch', torch.__version__)"
 python3 -m trainer.bench_gpu --write "$out/BENCHMARKS-gpu.md" "$@" 2>"$out/bench_gpu.log"

@@ -48,6 +48,11 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written
     assert table.strip() in written
+    partial = Path(f"{out}.partial").read_text()  # rewritten after every row: what a killed run leaves
+    assert "(partial: the run was still going)" in partial
+    sections = ("| model only |", "| full pipeline |", "| peers |", "| DALI alone |", "| batch augmentation |")
+    measured = [line for line in table.splitlines() if line.startswith(sections)]
+    assert len(measured) > 10 and all(line in partial for line in measured)
 
 
 def test_peaks_and_verdicts() -> None:
@@ -69,6 +74,18 @@ def test_peaks_and_verdicts() -> None:
     assert any("20.0% | <= 5.0% | missed" in line for line in slow)
 
 
+def test_the_default_batch_keeps_every_step_even_and_an_odd_one_is_refused() -> None:
+    """Mixup/CutMix pairs the views of a step, so they must be even at repeats 3 (a batch of 256 views is
+    85 images, 255 views) and at repeats 1: the default is a multiple of 6, anything else is refused."""
+    from pipeline.loader import plan_batch
+    from trainer.bench_gpu import _parser, main
+
+    batch = _parser().parse_args([]).batch
+    assert all(plan_batch(batch, 1, k) * k % 2 == 0 and plan_batch(batch, 1, k) * k == batch for k in (1, 3))
+    with pytest.raises(SystemExit, match=r"--batch 256: must be a multiple of 6.*e\.g\. --batch 252"):
+        main(["--batch", "256", "--models", "", "--pipeline-models", ""])
+
+
 def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
     import time
 
@@ -79,6 +96,11 @@ def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
     rows.add("model only", "fine", lambda: GpuRow("model only", "fine", 10.0))
     late = _Rows(deadline=time.monotonic() - 1)
     late.add("peers", "late", lambda: GpuRow("peers", "late", 1.0))
+    seen: list[int] = []
+    short = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: seen.append(len(so_far)))
+    short.add("model only", "a compile", lambda: GpuRow("model only", "a compile", 1.0), min_seconds=120)
+    short.add("model only", "quick", lambda: GpuRow("model only", "quick", 1.0))
+    assert "not run" in short.rows[0].note and short.rows[1].views_per_s == 1.0 and seen == [1, 2]
     assert [r.name for r in rows.rows] == ["broken", "fine"] and rows.rows[1].views_per_s == 10.0
     assert rows.rows[0].views_per_s is None and rows.rows[0].note.startswith("failed: ZeroDivisionError")
     assert late.rows[0].views_per_s is None and "not run" in late.rows[0].note

@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,6 +60,7 @@ _PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800"
 
 
 DALI_STOCK_RA = "DALI stock rand_augment n=2 m=9 (baseline)"
+COMPILE_SECONDS = 120.0  # a compiled row is not started with less than this left before --max-seconds
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -167,12 +168,14 @@ class _Rows:
     lent GPU's minutes are few: one broken row must not cost the rest); past the deadline rows are
     "not run". Each row is logged as it completes, so a run cut short still says what it measured."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, on_row: Callable[[list[GpuRow]], None] | None = None) -> None:
         self.rows: list[GpuRow] = []
         self.deadline = deadline
+        self.on_row = on_row  # called with the rows so far after each one (a partial table on disk)
 
-    def add(self, section: str, name: str, measure) -> GpuRow | None:
-        if time.monotonic() > self.deadline:
+    def add(self, section: str, name: str, measure, min_seconds: float = 0.0) -> GpuRow | None:
+        """``min_seconds``: the least time the row needs (a compile); it is not started with less left."""
+        if time.monotonic() + min_seconds > self.deadline:
             row = GpuRow(section, name, None, note="not run: --max-seconds reached")
         else:
             started = time.monotonic()
@@ -183,13 +186,15 @@ class _Rows:
                 row = GpuRow(section, name, None, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
             log.info("bench_gpu row (%.0f s): %s", time.monotonic() - started, row)
         self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(self.rows)
         return row
 
 
-def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool) -> None:
+def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool,
+                flops: dict[str, float]) -> None:
+    """``flops``: FLOPs per view by model, counted once on the eager step and shared with the compiled pass."""
     from trainer.worker import _ConstantTeacher, local_parts
-
-    flops: dict[str, float] = {}
 
     def measure(name: str, compile_model: bool) -> GpuRow:
         config = _recipe(name, s)
@@ -210,7 +215,8 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
                       f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)")
 
     for name in (m for m in s.models if not compiled or m in s.compiled):
-        rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled))
+        rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled),
+                 min_seconds=COMPILE_SECONDS if compiled else 0.0)
 
 
 def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> None:
@@ -239,13 +245,18 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
         return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}{suffix}", rate, wait, None, mem,
                       f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> step")
 
+    teachers: dict[tuple, tuple[str, str]] = {}  # one random teacher and cache per teacher identity
     for name in s.pipeline_models:
         base = _recipe(name, s)
-        try:
-            weights, cache = _random_teacher(base, shards_url, root / name)
-        except Exception as exc:  # noqa: BLE001 - the online rows can still run
-            log.exception("bench_gpu: the teacher cache for %s failed", name)
-            weights, cache = str(root / name / "teacher-random.pth"), f"not built ({type(exc).__name__})"
+        t = base.distill.teacher
+        key = (t.name, t.img_size, base.model.num_classes)
+        if key not in teachers:
+            try:
+                teachers[key] = _random_teacher(base, shards_url, root / name)
+            except Exception as exc:  # noqa: BLE001 - the online rows can still run
+                log.exception("bench_gpu: the teacher cache for %s failed", name)
+                teachers[key] = str(root / name / "teacher-random.pth"), f"not built ({type(exc).__name__})"
+        weights, cache = teachers[key]
         for source in ("cache", "online"):
             for repeats in (3, 1):
                 rows.add("full pipeline", f"{name}, {source} teacher, x{repeats}",
@@ -331,7 +342,7 @@ def _peers(s: Settings, device: torch.device, base: TrainConfig, weights: str, s
                                                re_count=a.recount))
     loader = torch.utils.data.DataLoader(_ShardBytes(shards, transform), batch_size=config.data.batch_size,
                                          shuffle=True, num_workers=s.threads, drop_last=True, pin_memory=True,
-                                         persistent_workers=True, prefetch_factor=4,
+                                         persistent_workers=True, prefetch_factor=2,  # /dev/shm
                                          multiprocessing_context="spawn")  # no fork after DALI's threads
     mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob,
                   label_smoothing=m.label_smoothing, num_classes=config.model.num_classes)
@@ -386,6 +397,8 @@ def _rand_augment_alone(s: Settings, device: torch.device, chunk: int | None, la
     views = torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     aug = RandAugment("rand-m9-mstd0.5-inc1", chunk_pixels=chunk)
     rng = np.random.default_rng(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(1, s.warmup)):
         aug(views, rng)
     _sync(device)
@@ -424,27 +437,39 @@ def _free(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- the suite
 
 
-def run_suite(s: Settings) -> tuple[str, list[GpuRow]]:
+def _title(s: Settings, name: str, origin: str) -> str:
+    numerics = "bf16 autocast" if torch.cuda.is_available() else "fp32 (no GPU)"
+    return (f"trainer.bench_gpu on {name}: batch {s.batch} views per step, {s.steps} steps timed after {s.warmup}, "
+            f"{s.size} px, {numerics}; data: {origin}; "
+            f"{s.threads} loader / DALI threads and peer workers; random weights")
+
+
+def run_suite(s: Settings, partial: str | None = None) -> tuple[str, list[GpuRow]]:
+    """The whole table. ``partial``: a file rewritten (atomically) with the table so far after every row,
+    so that a run killed at the device's time limit still leaves what it measured."""
     from trainer.bench import synthetic_shards
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores), no GPU"
     peak = peak_flops(name) if cuda else None
-    rows = _Rows(time.monotonic() + s.max_seconds)
+    origin = "(data not generated yet)"
+
+    def save(rows_so_far: list[GpuRow]) -> None:
+        if partial:
+            _write_atomic(partial, table(_title(s, name, origin) + " (partial: the run was still going)", rows_so_far))
+
+    rows = _Rows(time.monotonic() + s.max_seconds, save)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         root = Path(tmp)
-        _model_only(s, device, peak, rows, compiled=False)
+        flops: dict[str, float] = {}
+        _model_only(s, device, peak, rows, compiled=False, flops=flops)
         classes = _recipe(s.pipeline_models[0], s).model.num_classes if s.pipeline_models else 1000
         shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
         _pipeline(s, device, root, shards_url, rows)
         _dali_alone(s, device, shards_url, rows)
-        _model_only(s, device, peak, rows, compiled=True)  # last: compiling costs ~1 min a model
-    numerics = "bf16 autocast" if cuda else "fp32 (no GPU)"
-    title = (f"trainer.bench_gpu on {name}: batch {s.batch} views per step, {s.steps} steps timed after {s.warmup}, "
-             f"{s.size} px, {numerics}; data: {origin}; "
-             f"{s.threads} loader / DALI threads and peer workers; random weights")
-    return title, rows.rows
+        _model_only(s, device, peak, rows, compiled=True, flops=flops)  # last: compiling costs ~1 min a model
+    return _title(s, name, origin), rows.rows
 
 
 def table(title: str, rows: Sequence[GpuRow]) -> str:
@@ -499,6 +524,13 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
     return out
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    os.replace(tmp, path)
+
+
 def write(path: str, text: str, device: str) -> None:
     """Append the table to ``path`` (BENCHMARKS.md) under a heading with the date and the device."""
     today = datetime.date.today().isoformat()
@@ -516,7 +548,8 @@ def _have_s3() -> bool:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.bench_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every recipe")
-    p.add_argument("--batch", type=int, default=256, help="views per step (default 256)")
+    p.add_argument("--batch", type=int, default=252,
+                   help="views per step, a multiple of 6 (even at repeats 3 and 1; default 252)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--images", type=int, default=3072, help="generated JPEGs for the pipeline rows")
@@ -549,7 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         s = replace(s, batch=6, steps=2, warmup=1, images=24, size=32, teacher=s.teacher or "resnet10t",
                     threads=min(s.threads, 2), compiled=())
-    title, rows = run_suite(s)
+    if s.batch % 6:
+        raise SystemExit(f"--batch {s.batch}: must be a multiple of 6, so that the views of a step are even "
+                         f"(Mixup/CutMix pairs them) at repeats 3 and 1; e.g. --batch {s.batch // 6 * 6 or 6}")
+    title, rows = run_suite(s, partial=f"{args.write}.partial" if args.write else None)
     text = table(title, rows)
     print(text)
     if args.write:
