@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +68,14 @@ def test_max_side_downscales_keeping_aspect() -> None:
     prepared = prepare_image(jpeg_bytes(np.random.default_rng(3), 400, 100), max_side=200)
     assert (prepared.width, prepared.height, prepared.conversion) == (200, 50, "resized")
     assert _decoded(prepared.data).size == (200, 50)
+
+
+def test_generated_imagenet_like_files_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    from pipeline.synthetic import write_imagenet_like
+
+    trees = [write_imagenet_like(tmp_path / str(t), 12, classes=5, threads=t) for t in (1, 3)]
+    files = [{f.relative_to(tree): f.read_bytes() for f in tree.rglob("*.JPEG")} for tree in trees]
+    assert len(files[0]) == 12 and len({f.parent for f in files[0]}) == 5
+    assert files[0] == files[1]
+    sizes = {Image.open(io.BytesIO(data)).size for data in files[0].values()}
+    assert all(400 <= w < 520 and 300 <= h < 400 for w, h in sizes)
