@@ -49,10 +49,12 @@ class _Pending:
     flips: np.ndarray
 
 
-def plan_batch(global_views: int, world: int, repeats: int, exact: bool = True) -> int:
+def plan_batch(global_views: int, world: int, repeats: int, exact: bool = True, even: bool = False) -> int:
     """Images per rank per step. An image brings all its ``repeats`` views into one step, so a rank's views
     are rounded down to a multiple of ``repeats`` (DeiT's 1024 over 8 GPUs at x3: 128 -> 126 views, i.e.
     42 images; the effective global batch is 1008, which `effective_batch` reports for lr scaling).
+    ``even`` (Mixup/CutMix on: it pairs view i with view N-1-i, as timm's Mixup requires an even batch)
+    also rounds to an even number of views: DeiT's 1024 on 1 GPU is 341 images, 1023 views -> 340, 1020.
     ``exact=False`` (an elastic run, whose worker count changes) also rounds a global batch that the
     worker count does not divide down, instead of refusing it."""
     if global_views % world:
@@ -62,18 +64,23 @@ def plan_batch(global_views: int, world: int, repeats: int, exact: bool = True) 
         log.info("data.batch_size=%d over %d workers: %d views per worker", global_views, world,
                  global_views // world)
     per_rank = global_views // world
-    if per_rank < repeats:
-        raise ValueError(f"per-worker batch {per_rank} views is smaller than stream.repeats={repeats}: "
-                         f"raise data.batch_size to at least {world * repeats}")
-    if per_rank % repeats:
-        log.info("per-worker batch %d views is not a multiple of stream.repeats=%d: using %d views "
-                 "(%d images) per worker", per_rank, repeats, per_rank // repeats * repeats, per_rank // repeats)
-    return per_rank // repeats
+    least = 2 * repeats if even and repeats % 2 else repeats
+    if per_rank < least:
+        raise ValueError(f"per-worker batch {per_rank} views is smaller than {least} (stream.repeats={repeats}"
+                         f"{', an even number of views for Mixup/CutMix' if least > repeats else ''}): "
+                         f"raise data.batch_size to at least {world * least}")
+    images = per_rank // repeats
+    if even and images * repeats % 2:
+        images -= 1
+    if images * repeats != per_rank:
+        log.info("per-worker batch %d views: using %d views (%d images x %d repeats%s) per worker", per_rank,
+                 images * repeats, images, repeats, ", an even number for Mixup/CutMix" if even else "")
+    return images
 
 
-def effective_batch(global_views: int, world: int, repeats: int, exact: bool = True) -> int:
+def effective_batch(global_views: int, world: int, repeats: int, exact: bool = True, even: bool = False) -> int:
     """Views per optimizer step across all ranks, after `plan_batch`'s rounding."""
-    return plan_batch(global_views, world, repeats, exact) * repeats * world
+    return plan_batch(global_views, world, repeats, exact, even) * repeats * world
 
 
 def state_for_world(states: dict[str, dict[str, Any]], shards: ShardSet, world: int, rank: int) -> dict[str, Any]:
@@ -98,7 +105,7 @@ class TrainLoader:
                  exact_batch: bool = True):
         self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
         self.repeats = data.stream.repeats
-        self.images_per_step = plan_batch(data.batch_size, world, self.repeats, exact_batch)
+        self.images_per_step = plan_batch(data.batch_size, world, self.repeats, exact_batch, data.mix.enabled)
         # one epoch = N views = N / k distinct images (DeiT: "100 epochs, each 3x longer" is called 300)
         self.steps_per_epoch = len(shards) // data.batch_size
         if self.steps_per_epoch == 0:

@@ -136,6 +136,17 @@ def test_batch_rounding_keeps_views_of_an_image_together() -> None:
     assert effective_batch(1024, 8, 3) == 1008 and effective_batch(1024, 8, 1) == 1024
 
 
+@pytest.mark.parametrize(("world", "images"), [(1, 340), (2, 170), (4, 84), (8, 42)])
+def test_with_mixup_every_rank_gets_an_even_number_of_views(world: int, images: int) -> None:
+    """timm's Mixup/CutMix pairs view i with N-1-i: DeiT's 1024 at x3 on 1 or 4 GPUs would be 1023 or 255
+    views per rank; with mixing on they are rounded down to an even count, whole images still."""
+    assert plan_batch(1024, world, 3, even=True) == images
+    assert images * 3 % 2 == 0 and effective_batch(1024, world, 3, even=True) == images * 3 * world
+    assert plan_batch(1024, world, 3) in (images, images + 1)  # without mixing no even rule
+    with pytest.raises(ValueError, match="an even number of views for Mixup/CutMix.*at least 12"):
+        plan_batch(10, 2, 3, even=True)
+
+
 def test_corrupt_member_is_skipped_counted_and_replaced(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "src", num_classes=3, per_class=10, defects=False)
     dst = tmp_path / "dst"

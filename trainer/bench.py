@@ -226,7 +226,7 @@ def _views_per_worker(config: TrainConfig, per_worker: int) -> int:
     from pipeline.loader import plan_batch
 
     repeats = config.data.stream.repeats
-    return plan_batch(per_worker, 1, repeats) * repeats
+    return plan_batch(per_worker, 1, repeats, even=config.data.mix.enabled) * repeats
 
 
 def _timing_config(config: TrainConfig, shards_url: str, root: Path, cuda: bool, generated: bool) -> TrainConfig:

@@ -119,7 +119,7 @@ def _synthetic(config: TrainConfig, device: torch.device) -> Iterator:
     from pipeline.loader import plan_batch
     from trainer.worker import synthetic_batches
 
-    images = plan_batch(config.data.batch_size, 1, config.data.stream.repeats)
+    images = plan_batch(config.data.batch_size, 1, config.data.stream.repeats, even=config.data.mix.enabled)
     return synthetic_batches(config, device, images, torch.Generator().manual_seed(0))
 
 

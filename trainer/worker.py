@@ -505,7 +505,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
                  else restored.loader.get(str(rank)))
     loader = TrainLoader(train_shards, config.data, world, rank, data_device, threads=options.loader_threads,
                          dali_threads=options.dali_threads, state=state, exact_batch=exact)
-    batch = effective_batch(config.data.batch_size, world, config.data.stream.repeats, exact)
+    batch = effective_batch(config.data.batch_size, world, config.data.stream.repeats, exact, config.data.mix.enabled)
     schedule = build_schedule(config, batch, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config, schedule.peak, device)
     ema = build_ema(model, config)
