@@ -49,16 +49,39 @@ def test_batches_hold_k_different_views_of_each_image_in_one_step(shards: ShardS
     for batch in _take(loader, 4):
         assert batch.views.shape == (12, 3, SIZE, SIZE) and batch.views.dtype == torch.uint8
         assert batch.views.is_contiguous(memory_format=torch.channels_last)
-        for i in range(0, 12, 3):
-            assert len(set(batch.keys[i:i + 3])) == 1, "an image's views sit together in the step"
-            assert len(set(batch.labels[i:i + 3].tolist())) == 1
-            a, b = batch.views[i].float(), batch.views[i + 1].float()
+        where: dict[str, list[int]] = {}
+        for i, key in enumerate(batch.keys):
+            where.setdefault(key, []).append(i)
+        assert len(where) == 4 and all(len(v) == 3 for v in where.values()), "an image's 3 views in one step"
+        for first, second, _ in where.values():
+            assert batch.labels[first] == batch.labels[second]
+            a, b = batch.views[first].float(), batch.views[second].float()
             assert (a - b).abs().mean() > 1.0, "views of one image are augmented independently"
-        assert len(set(batch.keys)) == 4
         labels = {r: int(shards.labels[r]) for r in range(len(shards))}
         key_row = {k: r for r, k in enumerate(shards.keys)}
         assert batch.labels.tolist() == [labels[key_row[k]] for k in batch.keys]
         assert batch.boxes.min() >= 0 and batch.boxes.max() <= 1 and set(batch.flips.tolist()) <= {0, 1}
+
+
+def test_the_views_of_one_image_meet_different_mixup_partners(shards: ShardSet) -> None:
+    """Mixup/CutMix pairs view i with view N-1-i. Side by side, the 3 views of an image would always meet
+    the 3 views of one other image; the loader shuffles a step's views (seeded) so that they do not, and
+    boxes, flips, rows and labels follow the views."""
+    loader = TrainLoader(shards, _data(batch=48, repeats=3), world=1)
+    partners = []
+    for batch in _take(loader, 3):
+        n = len(batch.keys)
+        by_key: dict[str, set[str]] = {}
+        for i, key in enumerate(batch.keys):
+            by_key.setdefault(key, set()).add(batch.keys[n - 1 - i])
+        partners += [len(p) for p in by_key.values()]
+        labels = {k: int(shards.labels[r]) for r, k in enumerate(shards.keys)}
+        assert batch.labels.tolist() == [labels[k] for k in batch.keys]
+        assert [shards.keys[r] for r in batch.rows] == batch.keys
+    assert np.mean(partners) > 2.5, "most images' 3 views meet 3 different images"
+    again, first = (_take(TrainLoader(shards, _data(batch=48, repeats=3), world=1), 1)[0] for _ in range(2))
+    assert first.keys == again.keys and torch.equal(first.boxes, again.boxes), "the order is seeded"
+    assert torch.equal(first.views, again.views)
 
 
 def test_simple_crop_views_are_reflect_padded_where_they_reach_outside(shards: ShardSet) -> None:
@@ -84,6 +107,8 @@ def test_every_image_exactly_once_per_pass_and_k_views_each(shards: ShardSet) ->
     assert set(views) == set(shards.keys) and set(views.values()) == {3}
     # one epoch is N views (N/k images), as the papers count repeated-augmentation epochs
     assert loader.steps_per_epoch == len(shards) // 12
+    # counted in the views a step really trains: 16 at x3 with Mixup is 4 images, 12 views, not 16
+    assert TrainLoader(shards, _data(batch=16, repeats=3), world=1).steps_per_epoch == len(shards) // 12
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -95,7 +120,7 @@ def test_every_rank_runs_the_same_steps_and_ranks_are_disjoint(shards: ShardSet,
     steps = per_rank_images // loaders[0].images_per_step
     seen = []
     for ld in loaders:
-        keys = [k for b in _take(ld, steps) for k in b.keys[::3]]
+        keys = [k for b in _take(ld, steps) for k in dict.fromkeys(b.keys)]  # each image once, in order
         assert len(keys) == steps * ld.images_per_step
         seen.extend(keys)
     assert len(seen) == len(set(seen)), "ranks read disjoint images within a pass"
