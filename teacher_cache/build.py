@@ -109,12 +109,23 @@ class CacheWorker:
         return result
 
 
+def _expected_teacher(cfg: CacheBuildConfig) -> dict[str, Any]:
+    """The identity the finished cache must carry to be this build's (weights hashed, not loaded)."""
+    from trainer.checkpoint import weights_digest
+
+    return {"name": cfg.teacher.name, "resolution": cfg.teacher.resolution, "num_classes": cfg.teacher.num_classes,
+            "weights_sha256": weights_digest(cfg.teacher.weights) if cfg.teacher.weights else "random-init"}
+
+
 def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
     shards = ShardSet.open(cfg.shards, cfg.split)
     previous = read_info(cfg.out)
     if previous is not None and not cfg.overwrite:
-        try:
-            check_identity(cfg.out.url, previous, shards.fingerprint, None)
+        try:  # a finished cache of this data *and this teacher* is the answer; anything else is refused
+            check_identity(cfg.out.url, previous, shards.fingerprint, _expected_teacher(cfg))
+            if previous["map"]["k"] != cfg.topk:
+                raise CacheMismatch(f"teacher cache {cfg.out.url} keeps top-{previous['map']['k']} logits, this "
+                                    f"build asks for top-{cfg.topk}")
         except CacheMismatch as exc:
             raise CacheMismatch(f"{exc} (or pass --overwrite)") from None
         log.info("teacher cache %s is complete; nothing to do", cfg.out.url)

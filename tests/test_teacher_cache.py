@@ -109,6 +109,16 @@ def test_build_through_ray_into_a_folder_resume_and_refusals(digits, tmp_path: P
     other.fingerprint = "f" * 64
     with pytest.raises(CacheMismatch, match="built for dataset"):
         TeacherCache(out, other, teacher.identity)
+    # a re-run of the build for another teacher (resolution, weights) or another k is refused, not skipped
+    from dataclasses import replace
+
+    with pytest.raises(CacheMismatch, match="resolution=64.*asks for 96.*--overwrite"):
+        build_cache(replace(cfg, teacher=replace(spec, resolution=96)))
+    with pytest.raises(CacheMismatch, match="weights_sha256"):
+        build_cache(replace(cfg, teacher=replace(spec, weights=None)))
+    with pytest.raises(CacheMismatch, match="top-4 logits, this build asks for top-5"):
+        build_cache(replace(cfg, topk=5))
+    assert build_cache(cfg)["num_samples"] == len(shards), "the same build again: complete, nothing to do"
 
 
 @pytest.mark.s3

@@ -55,6 +55,17 @@ def test_schedule_per_epoch_is_a_staircase_and_peak_lr_uses_the_effective_batch(
     assert staircase.at(15) == pytest.approx(lr_at(1, schedule.peak, 300, 5, 1e-6, 1e-5))
 
 
+def test_a_min_lr_above_the_effective_peak_ends_the_schedule_at_the_peak() -> None:
+    """DeiT's 384 fine-tune runs at lr = min_lr = 5e-6 per 512; 480 effective views (8 GPUs at x3) put the
+    peak just under min_lr, and cosine must not climb from it."""
+    config = apply_overrides(recipes.get("deit_s"), ["optim.lr=5e-6", "optim.lr_batch_size=512",
+                                                     "data.batch_size=512", "schedule.min_lr=5e-6"])
+    schedule = build_schedule(config, 480, steps_per_epoch=10)
+    assert schedule.peak == pytest.approx(5e-6 * 480 / 512) and schedule.min_lr == schedule.peak
+    lrs = [schedule.at(s) for s in range(50, 3000, 100)]
+    assert max(lrs) <= schedule.peak * (1 + 1e-12)
+
+
 def test_optimizer_leaves_norms_biases_and_tokens_without_weight_decay() -> None:
     config = recipes.get("demo_deit_tiny_distill")
     model = config.model.build()
@@ -353,6 +364,7 @@ def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teache
     build_cache(CacheBuildConfig(shards=Location(digits), out=Location(cache), topk=4, workers=1,
                                  teacher=TeacherSpec("resnet10t", teacher_file, 10, 64)))
     config = apply_overrides(_config(digits, teacher_file), ["distill.source=cache", f"distill.cache_url={cache}",
+                                                             "distill.teacher.img_size=64",  # the cache's
                                                              "schedule.epochs=1", "schedule.warmup_epochs=0"])
     result = run(config, storage_path=str(tmp_path / "storage"), name="cached", max_failures=0,
                  options=RunOptions(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", loader_threads=2, dali_threads=1))
@@ -364,6 +376,8 @@ def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teache
     with pytest.raises(CacheMismatch, match="weights_sha256"):
         run(apply_overrides(config, [f"distill.teacher.pretrained_path={other}"]), storage_path=str(tmp_path / "s2"),
             name="refused")
+    with pytest.raises(CacheMismatch, match="resolution=64, this run asks for 32"):
+        run(apply_overrides(config, ["distill.teacher.img_size=32"]), storage_path=str(tmp_path / "s3"), name="res")
 
 
 @dali

@@ -620,7 +620,7 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     identity = {"teacher": f"{d.teacher.name}@{d.teacher.img_size}", "teacher.weights": d.teacher.pretrained_path or "",
                 "teacher.source": d.source}
     if d.source == "cache":
-        expect = {"name": d.teacher.name, "num_classes": config.model.num_classes}
+        expect = {"name": d.teacher.name, "num_classes": config.model.num_classes, "resolution": d.teacher.img_size}
         if d.teacher.pretrained_path:
             expect["weights_sha256"] = weights_digest(d.teacher.pretrained_path)
         cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
