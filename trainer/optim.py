@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LRSchedule", "lr_at", "build_optimizer", "build_schedule", "build_ema", "clip_gradients", "unwrap"]
 
@@ -97,9 +100,15 @@ class LRSchedule:
 def build_schedule(config: TrainConfig, global_batch: int, steps_per_epoch: int) -> LRSchedule:
     """The schedule of ``config`` at the effective ``global_batch`` (views per optimizer step, all ranks)."""
     s = config.schedule
-    return LRSchedule(peak=config.optim.peak_lr(global_batch), steps_per_epoch=steps_per_epoch, epochs=s.epochs,
-                      warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr, cosine=s.cosine,
-                      per_step=s.per_step)
+    peak = config.optim.peak_lr(global_batch)
+    # validate() checks min_lr against the nominal batch; rounding (126 of 128 views per GPU at x3) can put
+    # the effective peak just under it (DeiT's 384 fine-tune: lr = min_lr = 5e-6), and cosine would rise
+    min_lr = min(s.min_lr, peak)
+    if min_lr < s.min_lr:
+        log.info("schedule.min_lr=%g is above the effective peak lr %g (batch %d): the schedule ends at the peak",
+                 s.min_lr, peak, global_batch)
+    return LRSchedule(peak=peak, steps_per_epoch=steps_per_epoch, epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                      warmup_lr=s.warmup_lr, min_lr=min_lr, cosine=s.cosine, per_step=s.per_step)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, peak_lr: float,
