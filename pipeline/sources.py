@@ -209,7 +209,9 @@ def _scan_flat(root: Path, split_dir: Path, images: list[os.DirEntry], entries: 
 
 
 def _find_label_file(root: Path, split_dir: Path) -> Path | None:
-    for folder in (split_dir, root, root.parent):
+    """The split folder, ``--src`` and three folders above it: Kaggle's tree keeps LOC_val_solution.csv
+    beside ILSVRC/, three levels above ILSVRC/Data/CLS-LOC (the folder holding train/ and val/)."""
+    for folder in (split_dir, root, *list(root.parents)[:3]):
         for name in LABEL_FILE_NAMES:
             if (folder / name).is_file():
                 return folder / name

@@ -52,6 +52,18 @@ def test_flat_val_with_kaggle_solution_csv(tmp_path: Path) -> None:
         assert tree.classes[row["label"]] == labels[row["source"].removesuffix(".JPEG")]
 
 
+def test_kaggle_tree_finds_its_solution_csv_three_levels_up(tmp_path: Path) -> None:
+    """imagenet-object-localization-challenge/{LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}}."""
+    src = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    tree = make_tree(src, num_classes=2, per_class=1, defects=False)
+    labels = _flat_val(src, tree.classes)
+    lines = ["ImageId,PredictionString"] + [f"{k},{v} 1 2 3 4" for k, v in labels.items()]
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    listing = scan(src, "val", classes=tree.classes)
+    assert listing.layout == "flat+labels" and len(listing.samples) == len(labels)
+    assert all(tree.classes[s.label] == labels[s.relpath.removesuffix(".JPEG")] for s in listing.samples)
+
+
 def test_flat_val_with_file_label_lines_and_integer_labels(tmp_path: Path) -> None:
     labels = _flat_val(tmp_path, ["a", "b", "c"])
     ints = {k: "abc".index(v) for k, v in labels.items()}
