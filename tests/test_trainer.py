@@ -494,3 +494,15 @@ def test_a_teacher_actor_that_cannot_be_placed_is_a_clear_error(teacher_file: st
             remote.identity(timeout=3)
     finally:
         ray.kill(remote.actor)
+
+
+def test_the_embedded_rays_object_store_is_sized_for_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.run import local_object_store_bytes
+
+    monkeypatch.delenv("DISTILLERY_RAY_OBJECT_STORE_MB", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_object_store_bytes() == 256 << 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_object_store_bytes() == 4096 << 20
+    monkeypatch.setenv("DISTILLERY_RAY_OBJECT_STORE_MB", "1024")
+    assert local_object_store_bytes() == 1024 << 20

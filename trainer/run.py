@@ -192,7 +192,18 @@ def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-             object_store_memory=256 * 1024 * 1024)
+             object_store_memory=local_object_store_bytes())
+
+
+def local_object_store_bytes() -> int:
+    """The embedded Ray's object store: 256 MiB on a machine without a GPU (tests, laptops, the demo), and
+    4 GiB with one: a remote teacher's batches (bf16 views, ~38 MB a step per worker at DeiT's size, two
+    steps in flight) would spill to disk in 256 MiB. ``DISTILLERY_RAY_OBJECT_STORE_MB`` sets it."""
+    if os.environ.get("DISTILLERY_RAY_OBJECT_STORE_MB"):
+        return int(os.environ["DISTILLERY_RAY_OBJECT_STORE_MB"]) * 1024 * 1024
+    import torch
+
+    return (4096 if torch.cuda.is_available() else 256) * 1024 * 1024
 
 
 def _free_port() -> int:
