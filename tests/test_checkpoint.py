@@ -228,5 +228,15 @@ def test_checkpoints_on_object_storage_are_listed_newest_first(tmp_path: Path, o
         fs.put(str(path), f"{s3_url.removeprefix('s3://')}/{path.name}", recursive=True)
     found = checkpoints_newest_first(s3_url)
     assert found == [f"{s3_url}/step-00000005", f"{s3_url}/step-00000003"]
+    # a run folder on object storage serves as weights (fine-tuning, a teacher) and as resume=URL: the newest
+    from trainer.checkpoint import load_pretrained, resolve_checkpoint, weights_digest
+
+    assert resolve_checkpoint(s3_url) == f"{s3_url}/step-00000005" == resolve_checkpoint(found[0])
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    info = load_pretrained(model, s3_url)
+    assert info["sha256"] == weights_digest(s3_url) == weights_digest(f"{s3_url}/step-00000005")
+    newest = torch.load(tmp_path / "step-00000005" / STATE_FILE, weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], newest[k]) for k in newest)
+    assert resolve_checkpoint(f"{s3_url}/no-such-run") is None
     fs.rm(f"{s3_url.removeprefix('s3://')}/step-00000005/{STATE_FILE}")
     assert load_newest_intact(found).step == 3

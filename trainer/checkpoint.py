@@ -436,13 +436,48 @@ def _read_bytes(path: str) -> bytes:
     return Path(path.removeprefix("file://")).read_bytes()
 
 
+def resolve_checkpoint(path: str) -> str | None:
+    """``path`` if it is a checkpoint folder, else the newest complete checkpoint directly under it; a local
+    path or an fsspec URL (``s3://bucket/runs/deit-s/`` holding ``step-*`` folders). None when there is
+    none, and for a plain file."""
+    if "://" not in path or path.startswith("file://"):
+        found = latest_checkpoint(path.removeprefix("file://"))
+        return None if found is None else str(found)
+    from pipeline.storage import Location
+
+    fs, root = Location(path).fs_and_path()
+    if fs.exists(f"{root}/{CHECKSUM_FILE}"):
+        return path
+    newest = checkpoints_newest_first(path)
+    return newest[0] if newest else None
+
+
+def _is_folder(path: str) -> bool:
+    if "://" not in path or path.startswith("file://"):
+        local = Path(path.removeprefix("file://"))
+        return local.is_dir() or (local / CHECKSUM_FILE).exists()
+    from pipeline.storage import Location
+
+    fs, root = Location(path).fs_and_path()
+    return fs.isdir(root)
+
+
+def _folder_checkpoint(path: str) -> str:
+    chosen = resolve_checkpoint(path)
+    if chosen is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (no step-* folder with {CHECKSUM_FILE})")
+    return chosen
+
+
+def _state_digest(checkpoint: str) -> str:
+    """The sha256 of a checkpoint folder's tensors, from its checksum file."""
+    return json.loads(_read_bytes(f"{checkpoint.rstrip('/')}/{CHECKSUM_FILE}"))["files"][STATE_FILE]
+
+
 def weights_digest(path: str) -> str:
     """The sha256 that `load_pretrained` reports for ``path``, without loading it (a teacher's identity)."""
-    if Path(path).is_dir() or (Path(path) / CHECKSUM_FILE).exists():
-        chosen = latest_checkpoint(path)
-        if chosen is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint")
-        return json.loads((chosen / CHECKSUM_FILE).read_text())["files"][STATE_FILE]
+    if _is_folder(path):
+        return _state_digest(_folder_checkpoint(path))
     return hashlib.sha256(_read_bytes(path)).hexdigest()
 
 
@@ -455,13 +490,11 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
     "missing", "unexpected"}``; raises ``CheckpointError`` if weights the model needs are missing (other
     than a classifier head of another class count).
     """
-    if Path(path).is_dir() or (Path(path) / CHECKSUM_FILE).exists():
-        chosen = latest_checkpoint(path)
-        if chosen is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint")
+    if _is_folder(path):  # a distillery checkpoint folder or run folder, local or on object storage
+        chosen = _folder_checkpoint(path)
         state = load_checkpoint(chosen)
         weights = state.ema if prefer_ema and state.ema is not None else state.model
-        digest = json.loads((chosen / CHECKSUM_FILE).read_text())["files"][STATE_FILE]
+        digest = _state_digest(chosen)
     else:
         data = _read_bytes(path)
         digest = hashlib.sha256(data).hexdigest()

@@ -49,10 +49,10 @@ from trainer.checkpoint import (
     capture_rng,
     checkpoint_step,
     checkpoints_newest_first,
-    latest_checkpoint,
     load_checkpoint,
     load_newest_intact,
     load_pretrained,
+    resolve_checkpoint,
     restore_rng,
     safe_config,
     save_checkpoint,
@@ -665,7 +665,7 @@ def _restore(options: RunOptions, fingerprint: str) -> TrainState | None:
                         exc)
             return load_newest_intact(older, expect_fingerprint=fingerprint)
     if options.resume:
-        path = options.resume if "://" in options.resume else latest_checkpoint(options.resume)
+        path = resolve_checkpoint(options.resume)  # a checkpoint, or the newest in a folder (local or URL)
         if path is None:
             raise CheckpointError(f"resume={options.resume!r}: no complete checkpoint there")
         return load_checkpoint(path, expect_fingerprint=fingerprint)
