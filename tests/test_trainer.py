@@ -506,3 +506,16 @@ def test_the_embedded_rays_object_store_is_sized_for_the_machine(monkeypatch: py
     assert local_object_store_bytes() == 4096 << 20
     monkeypatch.setenv("DISTILLERY_RAY_OBJECT_STORE_MB", "1024")
     assert local_object_store_bytes() == 1024 << 20
+
+
+def test_a_local_mlflow_file_with_remote_storage_or_a_cluster_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.run import local_tracking_warning
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("DISTILLERY_RAY_GCS_ADDRESS", raising=False)
+    assert local_tracking_warning("sqlite:////runs/x/mlruns.db", "/runs/x") is None
+    assert local_tracking_warning("http://127.0.0.1:5000", "s3://bucket/runs/x") is None
+    said = local_tracking_warning("sqlite:////tmp/mlruns.db", "s3://bucket/runs/x")
+    assert said is not None and "checkpoints on s3://bucket/runs/x" in said and "MLFLOW_TRACKING_URI" in said
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert "a Ray cluster" in (local_tracking_warning("sqlite:////runs/x/mlruns.db", "/runs/x") or "")

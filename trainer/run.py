@@ -68,6 +68,8 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
         run_dir if "://" not in run_dir else None)
     if tracking_uri.lower() in ("off", "none"):
         tracking_uri = ""
+    elif (warning := local_tracking_warning(tracking_uri, run_dir)) is not None:
+        log.warning("%s", warning)
     connect_ray(config.scaling.num_workers)
     options = replace(options, name=name, run_dir=run_dir, tracking_uri=tracking_uri,
                       resume=_absolute(resume) if resume else options.resume,
@@ -204,6 +206,18 @@ def local_object_store_bytes() -> int:
     import torch
 
     return (4096 if torch.cuda.is_available() else 256) * 1024 * 1024
+
+
+def local_tracking_warning(tracking_uri: str, run_dir: str) -> str | None:
+    """What to say when MLflow would write a SQLite file on the rank-0 node while the run itself lives on
+    object storage or on a cluster: the driver and the other nodes would never see those metrics."""
+    remote = "://" in run_dir
+    cluster = bool(os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS"))
+    if not tracking_uri.startswith("sqlite:") or not (remote or cluster):
+        return None
+    where = f"checkpoints on {run_dir}" if remote else "a Ray cluster"
+    return (f"MLflow tracking goes to {tracking_uri}, a file on whichever node runs rank 0; with {where}, set "
+            f"MLFLOW_TRACKING_URI (or tracking.tracking_uri) to a tracking server that every node reaches")
 
 
 def _free_port() -> int:
