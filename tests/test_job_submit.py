@@ -25,6 +25,7 @@ def test_ray_job_submit_runs_a_recipe(ray_head, tmp_path: Path) -> None:
     ray = Path(sys.executable).with_name("ray")
     entry = [sys.executable, "-m", "trainer.main", "demo_deit_tiny", f"data.train_url={shards}",
              f"data.val_url={shards}", "schedule.epochs=1", "schedule.warmup_epochs=0",
+             "optim.micro_batches=2",  # 2 DDP workers (gloo): the first pass of a step without an all-reduce
              f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "runs"),
              "--name", "submitted"]
     out = subprocess.run([str(ray), "job", "submit", "--address", ray_head.dashboard_url, "--", *entry],

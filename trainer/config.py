@@ -187,6 +187,9 @@ class OptimConfig:
     # weights, biases, LayerScale gammas) nor on the model's no_weight_decay() set (pos_embed,
     # cls_token, dist_token).
     no_weight_decay_1d_and_tokens: bool = True
+    # Not in the papers: each step's batch run as this many forward/backward passes, gradients summed
+    # before the one update (DDP syncs on the last), so DeiT-B's 1024 fits one GPU with the same update.
+    micro_batches: int = 1
 
     def peak_lr(self, global_batch: int) -> float:
         """The learning rate reached after warmup for a global batch of ``global_batch`` samples."""
@@ -483,6 +486,8 @@ def _optim_problems(c: TrainConfig) -> list[str]:
         out.append(f"optim.momentum={o.momentum}: must be in [0, 1), e.g. 0.9")
     if o.clip_grad is not None and not o.clip_grad > 0:
         out.append(f"optim.clip_grad={o.clip_grad}: must be > 0 (e.g. 1.0) or None for no clipping")
+    if o.micro_batches < 1:
+        out.append(f"optim.micro_batches={o.micro_batches}: must be >= 1 (1: the whole batch in one pass)")
     return out
 
 

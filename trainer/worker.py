@@ -20,6 +20,7 @@ as in DeiT; its outputs never get a gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -270,20 +271,55 @@ def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batc
     """The step on an augmented batch (``x`` normalised and mixed, ``targets`` soft): teacher, student,
     loss, backward, clip, update, EMA. ``batch`` and ``mix`` are what a teacher cache needs (an online
     teacher only looks at ``x``)."""
+    spans = _micro_batches(len(x), p.config.optim.micro_batches)
     with p.autocast:
         teacher_logits = None
         if p.teacher is not None:
             with torch.no_grad():
-                teacher_logits = p.teacher(x, batch, mix)
-        out = p.model(x)
-    terms = distillation_loss(out, targets, teacher_logits, p.loss)
+                if isinstance(p.teacher, OnlineTeacher) and len(spans) > 1:  # per view: in pieces, as the student
+                    teacher_logits = torch.cat([p.teacher(x[a:b], batch, mix) for a, b in spans])
+                else:  # a cache pools and mixes over the whole batch
+                    teacher_logits = p.teacher(x, batch, mix)
+        if len(spans) == 1:
+            out = p.model(x)
     p.optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
+    if len(spans) == 1:
+        terms = distillation_loss(out, targets, teacher_logits, p.loss)
+        terms.total.backward()
+    else:
+        terms = _accumulate(p, x, targets, teacher_logits, spans)
     clip_gradients(p.model, p.config.optim.clip_grad)
     p.optimizer.step()
     if p.ema is not None:
         p.ema.update(unwrap(p.model))
     return terms
+
+
+def _micro_batches(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, nearly equal slices of a batch of ``n`` views (fewer when n < parts)."""
+    edges = np.linspace(0, n, min(max(parts, 1), n) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
+def _accumulate(p: Parts, x: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                spans: list[tuple[int, int]]) -> LossTerms:
+    """Forward and backward slice by slice, each loss weighted by its share of the batch, so the summed
+    gradient is the whole batch's (the losses are per-view means); DDP all-reduces on the last slice only.
+    Returns the whole batch's loss terms (detached, for logging)."""
+    n = len(x)
+    model = getattr(p.model, "_orig_mod", p.model)  # a compiled DDP module syncs through the DDP inside
+    totals = torch.zeros(3, device=x.device)
+    for i, (a, b) in enumerate(spans):
+        quiet = model.no_sync() if hasattr(model, "no_sync") and i < len(spans) - 1 else contextlib.nullcontext()
+        with quiet:
+            with p.autocast:
+                out = p.model(x[a:b])
+            part = distillation_loss(out, targets[a:b], None if teacher_logits is None else teacher_logits[a:b],
+                                     p.loss)
+            share = (b - a) / n
+            (part.total * share).backward()
+        totals += torch.stack([part.total.detach(), part.base.detach(), part.distill.detach()]).float() * share
+    return LossTerms(totals[0], totals[1], totals[2])
 
 
 @torch.no_grad()
