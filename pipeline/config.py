@@ -39,7 +39,7 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.crop not in ("rrc", "simple"):
             raise ValueError(f"augment.crop={self.crop!r}: use 'rrc' or 'simple'")
-        if not 0 <= self.crop_pad < self.image_size // 2:
+        if self.crop == "simple" and not 0 <= self.crop_pad < self.image_size // 2:
             raise ValueError(f"augment.crop_pad={self.crop_pad}: must be in [0, image_size / 2), e.g. 4")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"augment.scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")

@@ -112,8 +112,10 @@ class TrainLoader:
         self.repeats = data.stream.repeats
         self.images_per_step = plan_batch(data.batch_size, world, self.repeats, exact_batch, data.mix.enabled)
         # one epoch = N views = N / k distinct images (DeiT: "100 epochs, each 3x longer" is called 300), in
-        # steps of the views actually trained (1008 of 1024 on 8 GPUs at x3), so an epoch is N views, not 98%
-        self.steps_per_epoch = len(shards) // (self.images_per_step * self.repeats * world)
+        # steps of the views actually trained (1008 of 1024 on 8 GPUs at x3), so an epoch is N views, not 98%.
+        # An elastic run keeps the nominal batch: its epochs must not change length when the group resizes.
+        views_per_step = self.images_per_step * self.repeats * world if exact_batch else data.batch_size
+        self.steps_per_epoch = len(shards) // views_per_step
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={data.batch_size} is larger than the {len(shards)} samples of "
                              f"{shards.location.url}; lower it")

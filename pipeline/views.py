@@ -74,17 +74,19 @@ def simple_random_boxes(rng: np.random.Generator, widths: np.ndarray, heights: n
     """DeiT III's simple random crop (``Resize(size)``, ``RandomCrop(size, padding=pad,
     padding_mode='reflect')``): the shorter side resized to ``size``, the longer to ``int(size * long /
     short)``, ``pad`` pixels added around, a size x size crop at a uniform integer position. Returns pixel
-    boxes ``(top, left, h, w)`` in source pixels, float64 [n, 4]; a box reaches up to ``pad`` resized
-    pixels outside the image, which `reflect_outside` fills after the resize."""
+    boxes ``(top, left, h, w)`` in source pixels, float64 [n, 4], on torchvision's grid: each axis scaled
+    by source / resized pixels (the long axis's ``int()`` makes its scale a little larger than the short
+    one's). A box reaches up to ``pad`` resized pixels outside the image, which `reflect_outside` fills
+    after the resize."""
     widths = widths.astype(np.float64)
     heights = heights.astype(np.float64)
-    side = np.minimum(widths, heights)
-    step = side / size  # source pixels per output pixel
-    resized_h = np.floor(heights / step + 1e-9)  # torchvision: int(size * long / short)
-    resized_w = np.floor(widths / step + 1e-9)
+    short = np.minimum(widths, heights)
+    resized_h = np.floor(heights * size / short + 1e-9)  # torchvision: int(size * long / short)
+    resized_w = np.floor(widths * size / short + 1e-9)
     top = np.floor(rng.random(len(widths)) * (resized_h + 2 * pad - size + 1)) - pad
     left = np.floor(rng.random(len(widths)) * (resized_w + 2 * pad - size + 1)) - pad
-    return np.stack([top * step, left * step, side, side], axis=1)
+    sy, sx = heights / resized_h, widths / resized_w  # source pixels per resized pixel
+    return np.stack([top * sy, left * sx, size * sy, size * sx], axis=1)
 
 
 def _outside(lo: torch.Tensor, hi: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,19 +108,20 @@ def reflect_outside(views: torch.Tensor, boxes: torch.Tensor, flips: torch.Tenso
     """Fill the pixels of each view that lie outside its image by reflection (``padding_mode='reflect'``:
     ``c b | a b c``, the edge pixel not repeated). DALI's resize clamps there (``a a | a b c``).
 
-    ``views`` uint8 [n, S, S, C] (the views as DALI hands them over, after the flip), ``boxes`` [n, 4]
-    relative (y0, x0, y1, x1) that may reach outside [0, 1], ``flips`` [n]. Returns a new tensor, or
+    ``views`` uint8 [n, S, S, C] (the views as DALI hands them over, after the flip; any device),
+    ``boxes`` [n, 4] relative (y0, x0, y1, x1) that may reach outside [0, 1], ``flips`` [n], both on the
+    host: the decision is taken there, so a GPU batch costs no device sync. Returns a new tensor, or
     ``views`` itself when no view reaches outside."""
     size = views.shape[1]
-    boxes = boxes.to(views.device, torch.float64)
+    boxes = boxes.cpu().to(torch.float64)
     top, bottom = _outside(boxes[:, 0], boxes[:, 2], size)
     left, right = _outside(boxes[:, 1], boxes[:, 3], size)
     if not bool((top + bottom + left + right).any()):
         return views
-    flipped = flips.to(views.device).bool()
+    flipped = flips.cpu().bool()
     left, right = torch.where(flipped, right, left), torch.where(flipped, left, right)  # mirrored columns
-    rows = _reflect_index(top, bottom, size)
-    cols = _reflect_index(left, right, size)
+    rows = _reflect_index(top, bottom, size).to(views.device)
+    cols = _reflect_index(left, right, size).to(views.device)
     n = torch.arange(len(views), device=views.device)[:, None, None]
     return views[n, rows[:, :, None], cols[:, None, :]]
 

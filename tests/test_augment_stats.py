@@ -60,7 +60,9 @@ def test_simple_random_crop_is_a_square_of_the_shorter_side() -> None:
     cfg = AugmentConfig(crop="simple", image_size=224)
     views = draw_views(np.random.default_rng(2), np.array([500, 300]), np.array([375, 450]), 1, cfg)
     y0, x0, y1, x1 = views.boxes[:, 0].T
-    assert np.allclose((y1 - y0) * [375, 450], [375, 300]) and np.allclose((x1 - x0) * [500, 300], [375, 300])
+    assert np.allclose((y1 - y0) * [375, 450], [375, 300])
+    # torchvision resizes 500 x 375 to 298 x 224 (int()), so the long axis's scale is 500 / 298, not 375 / 224
+    assert np.allclose((x1 - x0) * [500, 300], [224 * 500 / 298, 300])
 
 
 def test_random_erasing_matches_timm() -> None:
@@ -174,8 +176,14 @@ def test_simple_random_crop_positions_are_torchvisions_over_the_padded_image() -
         counts = np.bincount(ours + 4, minlength=9) / n
         assert np.abs(counts - 1 / 9).max() < 0.012
     wide = draw_views(np.random.default_rng(4), np.full(n, 500), np.full(n, 375), 1, cfg).boxes[:, 0]
-    lefts = np.round(wide[:, 1] * 500 * 224 / 375).astype(int)  # resized 298 x 224: int(224 * 500 / 375)
+    lefts = np.round(wide[:, 1] * 298).astype(int)  # resized 298 x 224: int(224 * 500 / 375)
+    assert np.allclose(wide[:, 1] * 298, lefts, atol=1e-3)
     assert lefts.min() == -4 and lefts.max() == 298 + 4 - 224
+    # at either end of the long axis 4 pixels are reflected, as torchvision pads them
+    from pipeline.views import _outside
+
+    before, after = _outside(torch.from_numpy(wide[:, 1]).double(), torch.from_numpy(wide[:, 3]).double(), 224)
+    assert set(before[lefts == -4].tolist()) == {4} and set(after[lefts == 78].tolist()) == {4}
 
 
 @pytest.mark.parametrize("flip", [0, 1])

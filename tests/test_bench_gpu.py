@@ -96,6 +96,15 @@ def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
     rows.add("model only", "fine", lambda: GpuRow("model only", "fine", 10.0))
     late = _Rows(deadline=time.monotonic() - 1)
     late.add("peers", "late", lambda: GpuRow("peers", "late", 1.0))
+    from trainer.bench_gpu import DALI_STOCK_RA, table
+
+    tabled = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: table("partial", so_far))
+    tabled.add("batch augmentation", "RandAugment alone, chunk default",
+               lambda: GpuRow("batch augmentation", "RandAugment alone, chunk default", 5.0))
+    tabled.add("batch augmentation", DALI_STOCK_RA, lambda: 1 / 0)  # a failed baseline: no ratio, no crash
+    tabled.add("model only", "after", lambda: GpuRow("model only", "after", 1.0))
+    assert [r.name for r in tabled.rows][-1] == "after" and "failed" in tabled.rows[1].note
+    assert "RandAugment: ours" not in table("t", tabled.rows)
     seen: list[int] = []
     short = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: seen.append(len(so_far)))
     short.add("model only", "a compile", lambda: GpuRow("model only", "a compile", 1.0), min_seconds=120)

@@ -240,3 +240,12 @@ def test_checkpoints_on_object_storage_are_listed_newest_first(tmp_path: Path, o
     assert resolve_checkpoint(f"{s3_url}/no-such-run") is None
     fs.rm(f"{s3_url.removeprefix('s3://')}/step-00000005/{STATE_FILE}")
     assert load_newest_intact(found).step == 3
+
+
+def test_a_web_url_is_a_weights_file_never_a_checkpoint_folder() -> None:
+    """Released weights live at https:// URLs; asking a web server whether they are a folder costs a
+    request on every rank and means nothing."""
+    from trainer.checkpoint import _is_folder
+
+    assert not _is_folder("https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth")
+    assert not _is_folder("http://127.0.0.1:1/never-contacted.pth")

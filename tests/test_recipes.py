@@ -665,6 +665,14 @@ def test_validation_names_fields_and_fixes() -> None:
 
     with pytest.raises(ConfigError, match=r"data\.stream\.repeats=3"):
         apply_overrides(c, ["data.batch_size=16", "scaling.num_workers=8"]).validate()
+    # 4 views per worker at x3 is 1 image, 3 views: Mixup/CutMix needs an even count (2 images, 6 views)
+    with pytest.raises(ConfigError, match=r"4 views per worker: Mixup/CutMix needs an even number.*at least 12"):
+        apply_overrides(c, ["data.batch_size=8", "scaling.num_workers=2"]).validate()
+    assert apply_overrides(c, ["data.batch_size=8", "scaling.num_workers=2", "data.mix.prob=0",
+                           "schedule.min_lr=1e-6"]).validate()
+    with pytest.raises(ConfigError, match=r"optim\.micro_batches=0"):
+        apply_overrides(c, ["optim.micro_batches=0"]).validate()
+    assert apply_overrides(c, ["data.augment.image_size=8", "model.img_size=8"]).data.augment.crop_pad == 4
 
     bad_opt = dataclasses.replace(c, optim=dataclasses.replace(c.optim, name="adan"))
     with pytest.raises(ConfigError, match=r"optim\.name='adan'.*adamw, lamb, sgd"):

@@ -8,6 +8,7 @@ both log to a real ``mlflow server`` process.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -529,7 +530,9 @@ def test_micro_batches_make_the_same_gradient_as_the_whole_batch(source: str) ->
 
     from trainer.worker import OnlineTeacher, _ConstantTeacher, local_parts, optimizer_step, synthetic_batches
 
-    base = apply_overrides(recipes.get("demo_deit_tiny_distill"), ["model.drop_path=0.0", "data.batch_size=30"])
+    base = apply_overrides(recipes.get("demo_deit_tiny_distill"), [  # with the whole DeiT augmentation
+        "model.drop_path=0.0", "data.batch_size=30", "data.mix.prob=1.0", "data.mix.mixup_alpha=0.8",
+        "data.mix.cutmix_alpha=1.0", "data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.reprob=0.25"])
     torch.manual_seed(1)
     teacher_model = timm.create_model("resnet10t", num_classes=10).eval()
     teacher = OnlineTeacher(teacher_model) if source == "online" else _ConstantTeacher(torch.randn(30, 10))
@@ -539,7 +542,8 @@ def test_micro_batches_make_the_same_gradient_as_the_whole_batch(source: str) ->
         config = apply_overrides(base, [f"optim.micro_batches={parts}"])
         torch.manual_seed(0)
         p = local_parts(config, torch.device("cpu"), teacher)
-        aug = p.augment.apply(batch.views, batch.labels, batch.rng)
+        aug = p.augment.apply(batch.views, batch.labels, copy.deepcopy(batch.rng))  # the same draws twice
+        assert aug.mix.lam < 1.0
         terms = optimizer_step(p, aug.x, aug.targets, batch, aug.mix)
         results.append((terms.detached(), {k: v.grad.clone() for k, v in p.model.named_parameters()
                                            if v.grad is not None}))

@@ -187,7 +187,10 @@ class _Rows:
             log.info("bench_gpu row (%.0f s): %s", time.monotonic() - started, row)
         self.rows.append(row)
         if self.on_row is not None:
-            self.on_row(self.rows)
+            try:
+                self.on_row(self.rows)
+            except Exception:  # noqa: BLE001 - the partial table is a convenience; the rows go on
+                log.exception("bench_gpu: writing the partial table failed")
         return row
 
 
@@ -490,7 +493,7 @@ def table(title: str, rows: Sequence[GpuRow]) -> str:
 
 def verdicts(rows: Sequence[GpuRow]) -> list[str]:
     """Issue 8's goals, and ratios against baselines of the same run."""
-    by_name = {r.name: r for r in rows}
+    by_name = {r.name: r for r in rows if r.views_per_s}  # a failed or skipped row has no rate: no ratio
     out = ["| ratio or goal | value | target | verdict |", "| --- | ---: | ---: | --- |"]
 
     def line(what: str, value: float | None, target: float | None, higher: bool = True, spec: str = ".2f") -> None:

@@ -456,6 +456,8 @@ def _is_folder(path: str) -> bool:
     if "://" not in path or path.startswith("file://"):
         local = Path(path.removeprefix("file://"))
         return local.is_dir() or (local / CHECKSUM_FILE).exists()
+    if path.startswith(("http://", "https://")):  # a released weights file; a web server lists no folders
+        return False
     from pipeline.storage import Location
 
     fs, root = Location(path).fs_and_path()

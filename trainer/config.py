@@ -445,6 +445,12 @@ def _data_problems(c: TrainConfig) -> list[str]:
             f"data.stream.repeats={repeats} views of one image: raise data.batch_size to at least "
             f"{repeats * workers} or lower data.stream.repeats"
         )
+    elif workers >= 1 and c.data.mix.enabled and repeats % 2 and batch // workers < 2 * repeats:
+        out.append(  # pipeline.loader.plan_batch(even=True): Mixup/CutMix pairs the views of a worker's batch
+            f"data.batch_size={batch} gives {batch // workers} views per worker: Mixup/CutMix needs an even "
+            f"number, i.e. at least 2 images of data.stream.repeats={repeats} views; raise data.batch_size to "
+            f"at least {2 * repeats * workers} or turn mixing off (data.mix.prob=0)"
+        )
     if c.data.augment.image_size != c.model.img_size:
         out.append(
             f"data.augment.image_size={c.data.augment.image_size} != model.img_size={c.model.img_size}: "

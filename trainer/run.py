@@ -211,7 +211,7 @@ def local_object_store_bytes() -> int:
 def local_tracking_warning(tracking_uri: str, run_dir: str) -> str | None:
     """What to say when MLflow would write a SQLite file on the rank-0 node while the run itself lives on
     object storage or on a cluster: the driver and the other nodes would never see those metrics."""
-    remote = "://" in run_dir
+    remote = "://" in run_dir and not run_dir.startswith("file://")
     cluster = bool(os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS"))
     if not tracking_uri.startswith("sqlite:") or not (remote or cluster):
         return None
