@@ -172,7 +172,9 @@ class TrainLoader:
             labels = to_torch(labels, self.device).reshape(n).repeat_interleave(k)
             if meta.order is not None:
                 order = torch.from_numpy(meta.order).to(images.device)
-                images, labels = images.index_select(0, order), labels.index_select(0, order)
+                rows_of = images.view(n * k, -1)  # whole views as rows: a row gather is ~3x faster than 4-D
+                images = rows_of.index_select(0, order).view(n * k, size, size, 3)
+                labels = labels.index_select(0, order)
             boxes, flips = torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips)
             if self.data.augment.crop == "simple":
                 images = reflect_outside(images, boxes, flips)
