@@ -400,6 +400,10 @@ def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path: Path, d
     again = run(config, storage_path=str(tmp_path / "storage"), name="corrupt", options=options)
     assert again.return_value["restored_from"] == 4 and again.metrics["step"] == 6
     assert [h["step"] for h in again.return_value["history"]] == [6]  # steps 4, 5 trained again; logged at 6
+    # a finished run started again trains nothing and still reports its last evaluation (the demo prints it)
+    done = run(config, storage_path=str(tmp_path / "storage"), name="corrupt", options=options)
+    assert done.return_value["restored_from"] == 6 and done.return_value["history"] == []
+    assert done.return_value["eval"] == again.return_value["eval"] and "eval/top1" in done.return_value["eval"]
 
 
 @dali

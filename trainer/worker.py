@@ -395,7 +395,8 @@ def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
         optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
         loader={str(r): s["loader"] for r, s in enumerate(every)}, rng={str(r): s["rng"] for r, s in enumerate(every)},
         schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
-        extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world},
+        extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world,
+               "eval": {k: float(v) for k, v in p.last_eval.items()}},  # a finished run resumed still reports it
     )
     with tempfile.TemporaryDirectory(prefix="distillery-ckpt-") as staging:
         path = save_checkpoint(state, staging)
@@ -565,6 +566,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
               loss_config(config), tracker, train_shards.fingerprint, real_labels=real, v2_loader=v2_loader)
     if restored is not None:
         p.step = p.restored_from = restored.step
+        p.last_eval = dict(restored.extra.get("eval", {}))
     # the seed of this rank's stochastic layers (drop path) and erasing noise, DeiT's seed + rank
     torch.manual_seed(config.runtime.seed + rank)
     if restored is not None and not resized and str(rank) in restored.rng:
