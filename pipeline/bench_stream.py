@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import tempfile
 import time
@@ -149,7 +150,7 @@ def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, re
                        np.array([p.height for p in pictures]), repeats, cfg).boxes  # [n, k, 4]
     device_id = 0 if torch.cuda.is_available() else None
 
-    runs = iter(range(1 << 30))
+    runs = itertools.count()
 
     def feed() -> tuple[list, list]:  # run r cuts view r % k of every image
         view = next(runs) % repeats

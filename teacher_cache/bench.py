@@ -34,19 +34,15 @@ from teacher_cache.teacher import Teacher, TeacherSpec
 log = logging.getLogger(__name__)
 
 
-def train_small_teacher(shards: ShardSet, name: str, size: int, steps: int, path: str, device: str,
-                        augmented: bool = True) -> None:
-    """A real (small) teacher, a few hundred steps, saved to ``path``. ``augmented``: with the students'
-    per-view augmentation (random resized crops, RandAugment, erasing; no mixing, so hard targets), as
-    DeiT's RegNetY-16GF was trained "with the same data and same data-augmentation as DeiT"; else plain
-    crops (scale 0.35-1) and flips."""
+def train_small_teacher(shards: ShardSet, name: str, size: int, steps: int, path: str, device: str) -> None:
+    """A real (small) teacher, a few hundred steps, saved to ``path``, with the students' per-view
+    augmentation (random resized crops, RandAugment, erasing; no mixing, so hard targets), as DeiT's
+    RegNetY-16GF was trained "with the same data and same data-augmentation as DeiT"."""
     import timm
 
     classes = int(shards.labels.max()) + 1
     model = timm.create_model(name, pretrained=False, num_classes=classes).to(device)
-    views = AugmentConfig(image_size=size) if augmented else AugmentConfig(image_size=size, auto_augment=None,
-                                                                            reprob=0.0, scale=(0.35, 1.0))
-    data = DataConfig(batch_size=64, augment=views, mix=MixConfig(prob=0.0),
+    data = DataConfig(batch_size=64, augment=AugmentConfig(image_size=size), mix=MixConfig(prob=0.0),
                       stream=StreamConfig(repeats=1, shuffle_buffer=512))
     augment = BatchAugment(data.augment, data.mix, classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)

@@ -26,7 +26,7 @@ from pipeline.storage import Location
 from pipeline.stream import PieceReader, ShardSet, StreamMetrics
 from teacher_cache.cache import CacheMismatch, check_identity, read_info, read_part_meta, write_info, write_part
 from teacher_cache.maps import EncodedMaps, encode
-from teacher_cache.teacher import Teacher, TeacherSpec
+from teacher_cache.teacher import Teacher, TeacherSpec, expected_identity
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +109,12 @@ class CacheWorker:
         return result
 
 
-def _expected_teacher(cfg: CacheBuildConfig) -> dict[str, Any]:
-    """The identity the finished cache must carry to be this build's (weights hashed, not loaded)."""
-    from trainer.checkpoint import weights_digest
-
-    return {"name": cfg.teacher.name, "resolution": cfg.teacher.resolution, "num_classes": cfg.teacher.num_classes,
-            "weights_sha256": weights_digest(cfg.teacher.weights) if cfg.teacher.weights else "random-init"}
-
-
 def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
     shards = ShardSet.open(cfg.shards, cfg.split)
     previous = read_info(cfg.out)
     if previous is not None and not cfg.overwrite:
         try:  # a finished cache of this data *and this teacher* is the answer; anything else is refused
-            check_identity(cfg.out.url, previous, shards.fingerprint, _expected_teacher(cfg))
+            check_identity(cfg.out.url, previous, shards.fingerprint, expected_identity(cfg.teacher))
             if previous["map"]["k"] != cfg.topk:
                 raise CacheMismatch(f"teacher cache {cfg.out.url} keeps top-{previous['map']['k']} logits, this "
                                     f"build asks for top-{cfg.topk}")

@@ -27,6 +27,15 @@ class TeacherSpec:
     resolution: int = 224
 
 
+def expected_identity(spec: TeacherSpec) -> dict[str, Any]:
+    """The `Teacher.identity` a cache built from ``spec`` carries, without loading the model (weights are
+    hashed, as `load_pretrained` reports them)."""
+    from trainer.checkpoint import weights_digest
+
+    return {"name": spec.name, "weights_sha256": weights_digest(spec.weights) if spec.weights else "random-init",
+            "resolution": spec.resolution, "num_classes": spec.num_classes}
+
+
 class TeacherError(ValueError):
     """The teacher cannot be built or cannot serve the requested mode; the message says what to do."""
 

@@ -391,13 +391,18 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
     rows.add("batch augmentation", DALI_STOCK_RA, lambda: _dali_stock_rand_augment(s, device, DALI_STOCK_RA))
 
 
+def _random_views(s: Settings, device: torch.device) -> torch.Tensor:
+    """A batch of random uint8 views, NHWC as DALI hands them over, kept on the device."""
+    return torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device)
+
+
 def _rand_augment_alone(s: Settings, device: torch.device, chunk: int | None, label: str) -> GpuRow:
     """timm's rand-m9-mstd0.5-inc1 batched (`pipeline.randaugment`) on random uint8 views kept on the
     device, channels_last as DALI hands them over; ``chunk``: pixels per kernel call."""
     from pipeline.randaugment import RandAugment
     from trainer.worker import _sync
 
-    views = torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    views = _random_views(s, device).permute(0, 3, 1, 2)
     aug = RandAugment("rand-m9-mstd0.5-inc1", chunk_pixels=chunk)
     rng = np.random.default_rng(0)
     if device.type == "cuda":
@@ -419,7 +424,7 @@ def _dali_stock_rand_augment(s: Settings, device: torch.device, label: str) -> G
     build of timm's policy (`pipeline.dali_randaugment`)."""
     from pipeline.dali_randaugment import stock_rand_augment_rate
 
-    views = torch.randint(0, 256, (s.batch, s.size, s.size, 3), dtype=torch.uint8, device=device)
+    views = _random_views(s, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # DALI reads the views on its own stream
         rate = stock_rand_augment_rate(views, device.index or 0, threads=s.threads, repeats=max(1, s.steps))

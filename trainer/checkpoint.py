@@ -440,9 +440,6 @@ def resolve_checkpoint(path: str) -> str | None:
     """``path`` if it is a checkpoint folder, else the newest complete checkpoint directly under it; a local
     path or an fsspec URL (``s3://bucket/runs/deit-s/`` holding ``step-*`` folders). None when there is
     none, and for a plain file."""
-    if "://" not in path or path.startswith("file://"):
-        found = latest_checkpoint(path.removeprefix("file://"))
-        return None if found is None else str(found)
     from pipeline.storage import Location
 
     fs, root = Location(path).fs_and_path()
@@ -453,9 +450,6 @@ def resolve_checkpoint(path: str) -> str | None:
 
 
 def _is_folder(path: str) -> bool:
-    if "://" not in path or path.startswith("file://"):
-        local = Path(path.removeprefix("file://"))
-        return local.is_dir() or (local / CHECKSUM_FILE).exists()
     if path.startswith(("http://", "https://")):  # a released weights file; a web server lists no folders
         return False
     from pipeline.storage import Location

@@ -43,6 +43,7 @@ from pipeline.stream import ShardSet
 from pipeline.views import batch_rng
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
+from teacher_cache.teacher import TeacherSpec, expected_identity
 from trainer.checkpoint import (
     CheckpointError,
     CorruptCheckpoint,
@@ -57,7 +58,6 @@ from trainer.checkpoint import (
     restore_rng,
     safe_config,
     save_checkpoint,
-    weights_digest,
 )
 from trainer.config import TrainConfig
 from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
@@ -280,14 +280,8 @@ def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batc
                     teacher_logits = torch.cat([p.teacher(x[a:b], batch, mix) for a, b in spans])
                 else:  # a cache pools and mixes over the whole batch
                     teacher_logits = p.teacher(x, batch, mix)
-        if len(spans) == 1:
-            out = p.model(x)
     p.optimizer.zero_grad(set_to_none=True)
-    if len(spans) == 1:
-        terms = distillation_loss(out, targets, teacher_logits, p.loss)
-        terms.total.backward()
-    else:
-        terms = _accumulate(p, x, targets, teacher_logits, spans)
+    terms = _accumulate(p, x, targets, teacher_logits, spans)  # one slice (the whole batch) by default
     clip_gradients(p.model, p.config.optim.clip_grad)
     p.optimizer.step()
     if p.ema is not None:
@@ -304,8 +298,9 @@ def _micro_batches(n: int, parts: int) -> list[tuple[int, int]]:
 def _accumulate(p: Parts, x: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
                 spans: list[tuple[int, int]]) -> LossTerms:
     """Forward and backward slice by slice, each loss weighted by its share of the batch, so the summed
-    gradient is the whole batch's (the losses are per-view means); DDP all-reduces on the last slice only.
-    Returns the whole batch's loss terms (detached, for logging)."""
+    gradient is the whole batch's (the losses are per-view means; one slice: share 1.0, exactly the plain
+    step); DDP all-reduces on the last slice only. Returns the whole batch's loss terms (detached, for
+    logging)."""
     n = len(x)
     model = getattr(p.model, "_orig_mod", p.model)  # a compiled DDP module syncs through the DDP inside
     totals = torch.zeros(3, device=x.device)
@@ -658,9 +653,10 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     identity = {"teacher": f"{d.teacher.name}@{d.teacher.img_size}", "teacher.weights": d.teacher.pretrained_path or "",
                 "teacher.source": d.source}
     if d.source == "cache":
-        expect = {"name": d.teacher.name, "num_classes": config.model.num_classes, "resolution": d.teacher.img_size}
-        if d.teacher.pretrained_path:
-            expect["weights_sha256"] = weights_digest(d.teacher.pretrained_path)
+        expect = expected_identity(TeacherSpec(d.teacher.name, d.teacher.pretrained_path or None,
+                                               config.model.num_classes, d.teacher.img_size))
+        if not d.teacher.pretrained_path:  # no weights named: any cache of this teacher and data will do
+            del expect["weights_sha256"]
         cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
         identity.update({"teacher.sha256": cache.info["teacher"]["weights_sha256"], "teacher.cache": d.cache_url})
         return CachedTeacher(cache), identity
