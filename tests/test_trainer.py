@@ -206,13 +206,15 @@ class Ran:
     seconds: float
 
 
-def _train(tmp: Path, name: str, digits: str, teacher_file: str, tracking_uri: str, **options: Any) -> Ran:
+def _train(tmp: Path, name: str, digits: str, teacher_file: str, tracking_uri: str, overrides: tuple[str, ...] = (),
+           **options: Any) -> Ran:
     from trainer.run import run
 
     keys_dir = tmp / f"keys-{name}"
     keys_dir.mkdir()
     start = time.monotonic()
-    result = run(_config(digits, teacher_file), storage_path=str(tmp / "storage"), name=name, max_failures=1,
+    config = apply_overrides(_config(digits, teacher_file), list(overrides))
+    result = run(config, storage_path=str(tmp / "storage"), name=name, max_failures=1,
                  options=RunOptions(tracking_uri=tracking_uri, loader_threads=2, dali_threads=1,
                                     key_log_dir=str(keys_dir), **options))
     seconds = time.monotonic() - start
@@ -304,27 +306,37 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
 
 
 CHECKPOINT_STEPS = (4, 6, 8, 12)  # every_n_steps=4 and each epoch's end (6, 12)
-# (rank, step): a fixed one, and a random step of each rank from seeded draws (several seeds, issue 7)
-FAULTS = [(1, 10), (0, random.Random(7).choice([5, 7, 9, 11])), (1, random.Random(13).choice([3, 5, 7, 9, 11]))]
+# (rank, step, background): a fixed one with checkpoints written on the training thread, and a random step
+# of each rank from seeded draws (several seeds, issue 7) with checkpoints written in the background
+FAULTS = [(1, 10, False), (0, random.Random(7).choice([5, 7, 9, 11]), True),
+          (1, random.Random(13).choice([3, 5, 7, 9, 11]), True)]
 
 
 @dali
 @pytest.mark.slow
-@pytest.mark.parametrize(("rank", "step"), FAULTS, ids=[f"rank{r}-step{s}" for r, s in FAULTS])
+@pytest.mark.parametrize(("rank", "step", "background"), FAULTS,
+                         ids=[f"rank{r}-step{s}{'-background' if b else ''}" for r, s, b in FAULTS])
 def test_worker_killed_mid_epoch_resumes_on_the_same_samples(reference: Ran, tmp_path: Path, digits: str,
                                                              teacher_file: str, mlflow_server: Any, rank: int,
-                                                             step: int) -> None:
+                                                             step: int, background: bool) -> None:
     """A worker exits hard after ``step``; with max_failures=1 Ray restarts both workers from the latest
-    checkpoint, and the run finishes on the reference's samples, with the reference's weights."""
+    registered checkpoint, and the run finishes on the reference's samples, with the reference's weights.
+
+    Written on the training thread, the latest checkpoint before the failure is registered before training
+    goes on, so the run restarts from it. Written in the background, a failure that comes while the newest
+    one is still being written restarts from the one before it: exactly as well, a few steps earlier."""
     from trainer.checkpoint import latest_checkpoint, load_checkpoint
 
     marker = tmp_path / "fault-marker"
     ran = _train(tmp_path, f"fault-{rank}-{step}", digits, teacher_file, mlflow_server.tracking_uri,
+                 overrides=(f"checkpoint.background={str(background).lower()}",),
                  fault={"rank": rank, "step": step, "marker": str(marker)})
     assert marker.is_file(), "the fault hook did not fire"
-    restored = max(c for c in CHECKPOINT_STEPS if c <= step)
+    before = [c for c in CHECKPOINT_STEPS if c <= step]
     summary = ran.result.return_value
-    assert summary["restored_from"] == restored and ran.result.metrics["step"] == STEPS
+    restored = summary["restored_from"]
+    assert restored in (before[-2:] if background else before[-1:]), (restored, before)
+    assert ran.result.metrics["step"] == STEPS
     for r in (0, 1):
         assert sorted(ran.keys[r]) == list(range(STEPS))
         for s in range(STEPS):
@@ -558,3 +570,55 @@ def test_micro_batches_make_the_same_gradient_as_the_whole_batch(source: str) ->
     for name, grad in grads_whole.items():
         assert torch.allclose(grad, grads_pieces[name], rtol=1e-4, atol=1e-7), name
     assert any(float(g.abs().max()) > 0 for g in grads_whole.values())
+
+
+@dali
+@pytest.mark.parametrize("background", [True, False], ids=["background", "on-the-training-thread"])
+def test_a_checkpoint_writes_the_state_of_its_step_while_training_goes_on(digits: str, background: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint.background (default): checkpoint() returns while the write is still running, the steps
+    trained meanwhile change the parameters in place, and the write still holds the state of the
+    checkpoint's step. checkpoint.background=false: the write is done when checkpoint() returns."""
+    import threading
+
+    from pipeline.loader import TrainLoader
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+    from trainer import worker
+    from trainer.background import snapshot
+
+    config = apply_overrides(recipes.get("demo_deit_tiny"), [
+        f"data.train_url={digits}", f"data.val_url={digits}", f"checkpoint.background={str(background).lower()}"])
+    loader = TrainLoader(ShardSet.open(Location(digits), "train"), config.data, world=1, threads=1, dali_threads=1)
+    p = worker.local_parts(config, torch.device("cpu"), loader=loader)
+    batches = iter(loader)
+    worker.train_step(p, next(batches))
+    p.step = 1
+    release, written = threading.Event(), []
+
+    def slow_report(parts: Any, metrics: dict[str, float], state: Any) -> None:
+        assert (threading.current_thread() is not threading.main_thread()) == background
+        if background:
+            assert release.wait(60), "the training thread never went on"
+        written.append((metrics, snapshot(state)))  # what a write of `state` would hold now
+
+    monkeypatch.setattr(worker, "_report", slow_report)
+    at_checkpoint = snapshot({"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+                              "loader": loader.state_dict()})
+    worker.checkpoint(p, {"eval/top1": 50.0})
+    assert p.writer.busy == background and len(written) == (0 if background else 1)
+    worker.train_step(p, next(batches))  # the next step, while the write runs
+    p.step = 2
+    assert any(not torch.equal(v, at_checkpoint["model"][k]) for k, v in p.model.state_dict().items())
+    release.set()
+    p.writer.wait()
+    [(metrics, state)] = written
+    assert metrics == {"eval/top1": 50.0, "step": 1, "epoch": 1 / loader.steps_per_epoch}
+    assert state.step == 1 and state.loader == {"0": at_checkpoint["loader"]} and state.extra["eval"] == {}
+    assert state.model.keys() == at_checkpoint["model"].keys()
+    for name, tensor in at_checkpoint["model"].items():
+        assert torch.equal(state.model[name], tensor), name
+    moments = [s["exp_avg"] for s in state.optimizer["state"].values()]
+    assert moments and all(torch.equal(a, b["exp_avg"]) for a, b in
+                           zip(moments, at_checkpoint["optimizer"]["state"].values(), strict=True))
+    assert p.timing["checkpoint_stall_s"] > 0

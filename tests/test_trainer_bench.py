@@ -88,3 +88,33 @@ def test_usage_errors_exit_2_before_ray_starts(capsys: pytest.CaptureFixture[str
     assert "include 1" in capsys.readouterr().err
     assert main(["demo_deit_tiny", "data.batch_size=63"]) == 2  # not a multiple of the recipe's 2 workers
     assert "multiple" in capsys.readouterr().err
+
+
+@pytest.mark.dali
+@pytest.mark.slow
+def test_checkpoint_rows_write_checkpoints_in_the_timed_steps(local_ray: Any, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--checkpoint-every 2 of 5 timed steps: two checkpoints per row (steps 2 and 4, none after the last),
+    on the training thread and in the background, with their cost in the rows' step time and the notes."""
+    from trainer.bench import CHECKPOINT_ROWS, main
+
+    out = tmp_path / "bench.json"
+    code = main(["demo_deit_tiny", "--steps", "5", "--warmup", "1", "--workers", "1", "--images", "128",
+                 "--checkpoint-every", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows)[-2:] == [CHECKPOINT_ROWS[False], CHECKPOINT_ROWS[True]]
+    for background in (False, True):
+        row = rows[CHECKPOINT_ROWS[background]]
+        assert row["views"] == rows["model only"]["views"] and row["views_per_s"] > 0
+        written = re.search(r"; (\d+) written, ([\d.]+) s writing and reporting, ([\d.]+) s of it on the training "
+                            r"thread", row["note"])
+        assert written and int(written[1]) == 2 and float(written[2]) > 0, row["note"]
+    ratios = {r["name"]: r for r in result["ratios"]}
+    assert ratios["checkpoints in the background / none"]["denominator"] == "model only"
+    lost = [n for n in result["notes"] if "lost" in n]
+    assert len(lost) == 2 and all("per checkpoint (2 in 5 steps)" in n and "every_n_steps=1000" in n for n in lost)
+    assert main(["demo_deit_tiny", "--steps", "5", "--checkpoint-every", "5"]) == 2
+    assert "--checkpoint-every 5" in capsys.readouterr().err

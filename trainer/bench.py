@@ -11,6 +11,9 @@ second and the data-wait fraction (the share of step time spent in ``next(batche
 2. model + teacher: the same with the recipe's teacher (the online forward, or the cache's lookup).
 3. full pipeline, 1 worker: shards -> stream -> DALI -> batch augmentation -> teacher -> step.
 4. full pipeline, N workers (``--workers``): the same on N Ray Train workers (DDP), per worker.
+5. with ``--checkpoint-every K``: model only, writing a checkpoint every K timed steps (Ray's report, the
+   copy to the run's storage and its commit included), on the training thread (``checkpoint.background=
+   false``) and in the background (the default); the time the training thread loses counts as step time.
 
 Each worker keeps the recipe's per-worker batch (``data.batch_size / scaling.num_workers``), so the rows
 compare per-worker (per-GPU) rates as workers are added. Targets (issue 5): full pipeline >= 0.95 x model
@@ -121,12 +124,13 @@ def _columns(rows: list[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
 
 
 def bench(recipe: str, config: TrainConfig, steps: int = 50, warmup: int = 10, workers: Sequence[int] = (1, 2),
-          shards_url: str | None = None, images: int | None = None) -> Report:
+          shards_url: str | None = None, images: int | None = None, checkpoint_every: int = 0) -> Report:
     """Run every row of the table for ``config`` (recipe ``recipe`` with its overrides) and return the report.
 
     ``workers``: the full pipeline's worker counts (1 must be among them: it is the baseline); ``shards_url``:
     built shards (train and val splits) to read, else ``images`` generated ones (default: enough for 4 steps
-    at the largest worker count, at least 512 and one per class).
+    at the largest worker count, at least 512 and one per class); ``checkpoint_every``: K > 0 adds the
+    checkpoint rows (5. above).
     """
     from trainer.run import connect_ray
 
@@ -136,6 +140,9 @@ def bench(recipe: str, config: TrainConfig, steps: int = 50, warmup: int = 10, w
     workers = sorted(set(workers))
     if 1 not in workers or workers[0] < 1:
         raise BenchError(f"--workers {','.join(map(str, workers))}: include 1 (the baseline of the per-worker ratio)")
+    if checkpoint_every and not 0 < checkpoint_every < steps:
+        raise BenchError(f"--checkpoint-every {checkpoint_every}: must be between 1 and --steps - 1 ({steps - 1}), "
+                         f"so that a checkpoint falls inside the timed steps")
     per_worker = _per_worker_batch(config)
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
@@ -153,9 +160,13 @@ def bench(recipe: str, config: TrainConfig, steps: int = 50, warmup: int = 10, w
         teacher = _teacher_label(config)
         measure = _Measure(config, per_worker, steps, warmup, root / "runs")
         rows = _rows(measure, teacher, workers, gpus if cuda else None)
+        if checkpoint_every:
+            rows += _checkpoint_rows(measure, checkpoint_every)
+    notes = _notes(cuda) + (_checkpoint_notes(rows, steps, checkpoint_every) if checkpoint_every else [])
     return Report(recipe, _title(recipe, config, per_worker, teacher, cuda, gpus, origin, steps, warmup), rows,
-                  _ratios(rows, workers), _notes(cuda),
+                  _ratios(rows, workers), notes,
                   {"steps": steps, "warmup": warmup, "workers": workers, "per_worker_batch": per_worker,
+                   "checkpoint_every": checkpoint_every,
                    "views_per_worker": _views_per_worker(config, per_worker), "device": "cuda" if cuda else "cpu",
                    "gpus": gpus, "data": origin})
 
@@ -180,6 +191,42 @@ def _rows(measure: _Measure, teacher: str, workers: Sequence[int], gpus: int | N
     return rows
 
 
+CHECKPOINT_ROWS = {False: "model only + checkpoints, on the training thread",
+                   True: "model only + checkpoints, in the background"}
+
+
+def _checkpoint_rows(measure: _Measure, every: int) -> list[Row]:
+    """Model only with a checkpoint every ``every`` timed steps, written on the training thread, then in the
+    background (``checkpoint.background``)."""
+    return [measure(CHECKPOINT_ROWS[background], 1, "synthetic", teacher=False, checkpoint_every=every,
+                    background=background, note=f"a checkpoint every {every} steps, Ray's report and commit included")
+            for background in (False, True)]
+
+
+def _checkpoint_notes(rows: list[Row], steps: int, every: int) -> list[str]:
+    """The training thread's loss per checkpoint in seconds, from the rows' step times, and its share of
+    training at the trainer's default checkpoint interval."""
+    from trainer.config import CheckpointConfig
+
+    by_name = {r.name: r for r in rows}
+    base = by_name["model only"]
+    if base.views_per_s is None:
+        return []
+    step_s = base.views / steps / base.views_per_s  # one step of the baseline row
+    count = (steps - 1) // every  # checkpoints inside the timed steps (none after the last)
+    interval = CheckpointConfig().every_n_steps
+    out = []
+    for name in CHECKPOINT_ROWS.values():
+        row = by_name.get(name)
+        if row is None or row.views_per_s is None:
+            continue
+        lost = max(0.0, (row.views / row.views_per_s - base.views / base.views_per_s) / count)
+        out.append(f"{name}: the training thread lost {lost:.3f} s per checkpoint ({count} in {steps} steps), "
+                   f"{lost / (lost + interval * step_s):.2%} of training at checkpoint.every_n_steps={interval} "
+                   f"and the model-only step time ({step_s * 1e3:.1f} ms)")
+    return out
+
+
 class _Measure:
     """One row: ``trainer.run.run`` on ``n`` workers at the per-worker batch, with the worker's bench hook."""
 
@@ -187,14 +234,17 @@ class _Measure:
         self.config, self.per_worker, self.steps, self.warmup, self.storage = config, per_worker, steps, warmup, storage
         self.runs = 0
 
-    def __call__(self, name: str, n: int, data: str, teacher: bool, note: str) -> Row:
+    def __call__(self, name: str, n: int, data: str, teacher: bool, note: str, checkpoint_every: int = 0,
+                 background: bool = True) -> Row:
         from trainer.run import run
         from trainer.worker import RunOptions
 
         config = replace(self.config, scaling=replace(self.config.scaling, num_workers=n),
-                         data=replace(self.config.data, batch_size=self.per_worker * n))
+                         data=replace(self.config.data, batch_size=self.per_worker * n),
+                         checkpoint=replace(self.config.checkpoint, background=background))
         options = RunOptions(tracking_uri="off", log_model=False,
-                             bench={"warmup": self.warmup, "steps": self.steps, "data": data, "teacher": teacher})
+                             bench={"warmup": self.warmup, "steps": self.steps, "data": data, "teacher": teacher,
+                                    "checkpoint_every": checkpoint_every})
         self.runs += 1
         log.info("trainer bench: %s (%d worker%s)", name, n, "s" if n > 1 else "")
         started = time.monotonic()
@@ -202,6 +252,10 @@ class _Measure:
         timing = result.return_value["timing"]["bench"]
         log.info("trainer bench: %s took %.0f s (build %.1f s)", name, time.monotonic() - started,
                  result.return_value["timing"]["build_s"])
+        if checkpoint_every:
+            spent = result.return_value["timing"]
+            note += (f"; {spent.get('checkpoints', 0)} written, {spent.get('checkpoint_write_s', 0.0):.2f} s writing"
+                     f" and reporting, {spent.get('checkpoint_stall_s', 0.0):.2f} s of it on the training thread")
         return Row(name, n, timing["views"] / timing["step_s"], timing["wait_s"] / timing["step_s"], note,
                    int(timing["views"]))
 
@@ -332,6 +386,9 @@ def _ratios(rows: list[Row], workers: Sequence[int]) -> list[Ratio]:
            ratio("full pipeline (1 worker) / model + teacher: the loader's cost", one, "model + teacher", None)]
     out += [ratio(f"per worker: {n} workers / 1 worker", f"full pipeline, {n} workers", one, TARGET)
             for n in workers if n > 1]
+    if CHECKPOINT_ROWS[True] in by_name:
+        out += [ratio("checkpoints on the training thread / none", CHECKPOINT_ROWS[False], "model only", None),
+                ratio("checkpoints in the background / none", CHECKPOINT_ROWS[True], "model only", None)]
     return out
 
 
@@ -369,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
                    "generated ones")
     p.add_argument("--images", type=int, help="generated images (default: 4 steps' worth at the most workers, "
                    ">= 512, >= one per class)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="add the checkpoint rows: model only with a checkpoint every K timed steps, on the training "
+                   "thread and in the background (default 0: no such rows)")
     p.add_argument("--out", metavar="PATH", help="also write the results as JSON here")
     return p
 
@@ -385,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = apply_overrides(recipes.get(args.recipe), args.overrides)  # validated by bench()
         report = bench(args.recipe, config, steps=args.steps, warmup=args.warmup, workers=args.workers,
-                       shards_url=args.shards, images=args.images)
+                       shards_url=args.shards, images=args.images, checkpoint_every=args.checkpoint_every)
     except (recipes.UnknownRecipe, OverrideError, ConfigError, DatasetError, BenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -209,9 +209,10 @@ def save_checkpoint(state: TrainState, parent: str | os.PathLike[str], name: str
             tensors["optimizer"] = state.optimizer
         if state.ema is not None:
             tensors["ema"] = state.ema
-        buffer = io.BytesIO()
-        torch.save(tensors, buffer)
-        _write_synced(tmp / STATE_FILE, buffer.getvalue())
+        with open(tmp / STATE_FILE, "wb") as handle:  # straight to the file: no second copy in memory
+            torch.save(tensors, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

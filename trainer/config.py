@@ -270,6 +270,9 @@ class CheckpointConfig:
 
     every_n_steps: int = 1000
     keep: int = 3
+    # write (serialise, fsync, Ray's copy to storage, Ray's commit) on a background thread: the training
+    # thread only copies the state to host memory (trainer.background); false: all on the training thread
+    background: bool = True
     url: str = ""  # fsspec folder URL; "": the run's own folder chosen by the trainer
 
 

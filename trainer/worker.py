@@ -7,11 +7,12 @@
 
 A checkpoint is reported with ``ray.train.report(metrics, checkpoint=...)`` from rank 0 (the others
 report the metrics alone; the call is a barrier), every ``checkpoint.every_n_steps`` steps and at each
-epoch end, where the model is evaluated first. It holds every rank's loader state and RNG states, so a
-restarted worker group (Ray Train restarts all workers after a failure, up to
-``FailureConfig.max_failures`` times, and hands them the latest reported checkpoint) trains on exactly the
-samples, crops and batch-level draws the uninterrupted run would have. Steps between that checkpoint and
-the failure are trained again.
+epoch end, where the model is evaluated first. The write and the report run on a background thread
+while training goes on (``checkpoint.background``; trainer.background). A checkpoint holds every rank's
+loader state and RNG states, so a restarted worker group (Ray Train restarts all workers after a
+failure, up to ``FailureConfig.max_failures`` times, and hands them the latest registered checkpoint)
+trains on exactly the samples, crops and batch-level draws the uninterrupted run would have. Steps
+between that checkpoint and the failure are trained again.
 
 One epoch is N views of the N-image train split (``TrainLoader.steps_per_epoch``), as DeiT counts
 epochs under repeated augmentation. The teacher (online) sees the same mixed batch as the student,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -44,6 +46,7 @@ from pipeline.views import batch_rng
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
 from teacher_cache.teacher import TeacherSpec, expected_identity
+from trainer.background import Background, snapshot
 from trainer.checkpoint import (
     CheckpointError,
     CorruptCheckpoint,
@@ -83,11 +86,13 @@ class RunOptions:
     "marker": PATH}`` makes that rank exit hard after that step once (the marker file remembers it), and
     ``key_log_dir`` gets one JSON line per step and rank with the sample keys trained on.
 
-    ``bench={"warmup": W, "steps": N, "data": "loader" | "synthetic", "teacher": bool}`` is ``trainer.bench``'s:
-    run W + N steps (whatever the schedule's length) with no evaluation and no checkpoint, and put the timing
-    of the last N, summed over ranks, in the summary (``timing["bench"]``). ``data="synthetic"`` trains on one
-    random batch of this rank's shape kept on the device instead of the loader's; ``teacher=False`` swaps the
-    teacher for constant logits (the same loss, no teacher forward).
+    ``bench={"warmup": W, "steps": N, "data": "loader" | "synthetic", "teacher": bool, "checkpoint_every": K}``
+    is ``trainer.bench``'s: run W + N steps (whatever the schedule's length) with no evaluation and no
+    checkpoint, and put the timing of the last N, summed over ranks, in the summary (``timing["bench"]``).
+    ``data="synthetic"`` trains on one random batch of this rank's shape kept on the device instead of the
+    loader's; ``teacher=False`` swaps the teacher for constant logits (the same loss, no teacher forward);
+    ``checkpoint_every=K`` (default 0: none) writes a checkpoint every K measured steps and counts its cost
+    on the training thread as step time.
     """
 
     name: str = "run"
@@ -149,6 +154,7 @@ class Parts:
     timing: dict[str, float] = field(default_factory=dict)
     real_labels: RealLabels | None = None  # ReaL labels of the val split (data.real_labels)
     v2_loader: EvalLoader | None = None  # ImageNet-V2 (data.v2_url)
+    writer: Background = field(default_factory=lambda: Background("distillery-checkpoint"))  # checkpoint()
 
     @property
     def autocast(self) -> torch.autocast:
@@ -189,18 +195,23 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
             p.tracker.log_metrics(p.last_eval, p.step)
         if checkpoint_now:
             checkpoint(p, {**p.last_eval} if evaluate_now else {})
-            timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
+            if not p.options.bench:  # a benchmark's checkpoints (bench["checkpoint_every"]) count as step time
+                timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
     if p.options.bench:
         p.timing["bench"] = _bench_timing(p, timer)
+    p.writer.wait()  # the last checkpoint's write and report
     p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
     return _finish(p)
 
 
 def _due(p: Parts) -> tuple[bool, bool]:
     """(evaluate, checkpoint) after this step: both at each epoch end, a checkpoint also every n steps;
-    neither in a benchmark."""
+    in a benchmark, no evaluation, and a checkpoint every ``bench["checkpoint_every"]`` measured steps
+    (none after the last: the run ends there) if that is set."""
     if p.options.bench:
-        return False, False
+        every, measured = p.options.bench.get("checkpoint_every", 0), p.step - p.options.bench["warmup"]
+        last = p.options.bench["steps"]
+        return False, bool(every) and 0 < measured < last and measured % every == 0
     epoch_end = p.step % p.loader.steps_per_epoch == 0
     return epoch_end, epoch_end or p.step % p.config.checkpoint.every_n_steps == 0
 
@@ -375,38 +386,63 @@ def _evaluate(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None
 
 
 def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
-    """Gather every rank's loader and RNG state; rank 0 writes the checkpoint and reports it to Ray."""
-    import ray.train
+    """Gather every rank's loader and RNG state; rank 0 writes the checkpoint and reports it to Ray.
 
+    With ``checkpoint.background`` (the default) the training thread only gathers the states and copies
+    rank 0's model, optimizer and EMA to host memory; the write and Ray's report (every rank's: it is a
+    barrier) run on ``p.writer``'s thread while training goes on (trainer.background)."""
+    started = time.perf_counter()
+    p.writer.wait()  # the one before (one snapshot held at a time; its error, if any, is raised here)
     mine = {"loader": p.loader.state_dict(), "rng": capture_rng()}
     every = _all_gather(mine, p.world)
     metrics = {**metrics, "step": p.step, "epoch": p.step / p.loader.steps_per_epoch}
+    background = p.config.checkpoint.background
     if p.rank != 0:
+        job = functools.partial(_report, p, metrics, None)
+    else:
+        bare = unwrap(p.model)
+        state = TrainState(
+            step=p.step, epoch=p.step // p.loader.steps_per_epoch, model=bare.state_dict(),
+            optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
+            loader={str(r): s["loader"] for r, s in enumerate(every)},
+            rng={str(r): s["rng"] for r, s in enumerate(every)},
+            schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
+            extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world,
+                   "eval": {k: float(v) for k, v in p.last_eval.items()}},  # a finished run resumed still reports it
+        )
+        if background:  # the steps that follow change the parameters in place: write a copy
+            state = dataclasses.replace(state, model=snapshot(state.model), optimizer=snapshot(state.optimizer),
+                                        ema=snapshot(state.ema))
+        job = functools.partial(_report, p, metrics, state)
+    if background:
+        p.writer.submit(job)
+    else:
+        job()
+    p.timing["checkpoint_stall_s"] = p.timing.get("checkpoint_stall_s", 0.0) + time.perf_counter() - started
+    p.timing["checkpoints"] = p.timing.get("checkpoints", 0) + 1
+
+
+def _report(p: Parts, metrics: dict[str, float], state: TrainState | None) -> None:
+    """Ray's report of a checkpoint step (a barrier of all ranks): rank 0 writes ``state`` to a staging
+    folder, reports it, and waits until Ray has registered it, so that a failure from then on restarts
+    from it and not from the one before."""
+    import ray.train
+
+    if state is None:
         ray.train.report(metrics)
         return
-    bare = unwrap(p.model)
-    state = TrainState(
-        step=p.step, epoch=p.step // p.loader.steps_per_epoch, model=bare.state_dict(),
-        optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
-        loader={str(r): s["loader"] for r, s in enumerate(every)}, rng={str(r): s["rng"] for r, s in enumerate(every)},
-        schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
-        extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world,
-               "eval": {k: float(v) for k, v in p.last_eval.items()}},  # a finished run resumed still reports it
-    )
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distillery-ckpt-") as staging:
         path = save_checkpoint(state, staging)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
                          checkpoint_dir_name=path.name)
-    # Ray registers a reported checkpoint when its controller next polls the workers; wait for that, so
-    # that a failure from here on restarts from this checkpoint and not from the one before.
-    started = time.time()
-    try:
+    try:  # Ray registers a reported checkpoint when its controller next polls the workers
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
                                                timeout_s=300)
     except Exception as exc:  # the wait is a guarantee about restarts, not a condition for training on
-        log.warning("step %d: could not confirm that Ray registered the checkpoint (%s)", p.step, exc)
-    p.timing["checkpoint_wait_s"] = p.timing.get("checkpoint_wait_s", 0.0) + time.time() - started
-    log.info("step %d: checkpoint %s reported", p.step, path.name)
+        log.warning("step %d: could not confirm that Ray registered the checkpoint (%s)", state.step, exc)
+    p.timing["checkpoint_write_s"] = p.timing.get("checkpoint_write_s", 0.0) + time.perf_counter() - started
+    log.info("step %d: checkpoint %s reported", state.step, path.name)
 
 
 def _log(p: Parts, terms: LossTerms, timing: dict[str, float]) -> None:
