@@ -45,12 +45,18 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     assert "full pipeline (cache, x3) / model only" in table
     assert "| batch augmentation | DALI stock rand_augment n=2 m=9 (baseline) | " in table
     assert "RandAugment: ours (timm's semantics) / DALI stock rand_augment" in table
+    for where in ("on the training thread", "in the background"):  # --quick: 2 timed steps, one checkpoint
+        row = re.search(rf"^\| checkpoints \| deit_b_distill, checkpoints {where} \| [\d,]+ \|.*"
+                        rf"every 1 steps, (\d+) MB each to local disk; 1 written, [\d.]+ s each", table, re.M)
+        assert row and int(row[1]) > 0, where
+        assert re.search(rf"^\| deit_b_distill: checkpoints {where} / none.* \| [\d.]+ \| - \| - \|$", table, re.M)
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written
     assert table.strip() in written
     partial = Path(f"{out}.partial").read_text()  # rewritten after every row: what a killed run leaves
     assert "(partial: the run was still going)" in partial
-    sections = ("| model only |", "| full pipeline |", "| peers |", "| DALI alone |", "| batch augmentation |")
+    sections = ("| model only |", "| full pipeline |", "| peers |", "| DALI alone |", "| batch augmentation |",
+                "| checkpoints |")
     measured = [line for line in table.splitlines() if line.startswith(sections)]
     assert len(measured) > 10 and all(line in partial for line in measured)
 

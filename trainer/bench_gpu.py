@@ -19,6 +19,8 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
 4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
    decode once -> 3 views.
+5. **checkpoints**: the largest model's model-only step with a checkpoint every ``--steps // 3`` steps,
+   written on the training thread and in the background (``checkpoint.background``).
 
 ``--write BENCHMARKS.md`` appends the table with the date and the device's name. ``--quick`` is the
 CI-sized run (tiny steps and images: it checks that every row runs, not how fast).
@@ -197,16 +199,10 @@ class _Rows:
 def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool,
                 flops: dict[str, float]) -> None:
     """``flops``: FLOPs per view by model, counted once on the eager step and shared with the compiled pass."""
-    from trainer.worker import _ConstantTeacher, local_parts
+    from trainer.worker import local_parts
 
     def measure(name: str, compile_model: bool) -> GpuRow:
-        config = _recipe(name, s)
-        teacher = None
-        if config.distill.kind != "none":
-            views = len(next(_synthetic(config, device)).keys)
-            teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
-        p = local_parts(config, device, teacher, compile_model=compile_model)
-        batches = _synthetic(config, device)
+        config, p, teacher, batches = _model_parts(name, s, device, compile_model)
         if name not in flops:  # counted on the eager step (the same mathematics compiled)
             eager = p if not compile_model else local_parts(config, device, teacher)
             flops[name] = _step_flops(eager, next(batches))
@@ -220,6 +216,72 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
     for name in (m for m in s.models if not compiled or m in s.compiled):
         rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled),
                  min_seconds=COMPILE_SECONDS if compiled else 0.0)
+
+
+def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False):
+    """(config, parts, teacher, batches) of a model-only row: the recipe's step on one random batch kept on
+    the device; a distilled model gets constant teacher logits."""
+    from trainer.worker import _ConstantTeacher, local_parts
+
+    config = _recipe(name, s)
+    teacher = None
+    if config.distill.kind != "none":
+        views = len(next(_synthetic(config, device)).keys)
+        teacher = _ConstantTeacher(torch.randn(views, config.model.num_classes, device=device))
+    return config, local_parts(config, device, teacher, compile_model=compile_model), teacher, _synthetic(config,
+                                                                                                        device)
+
+
+CHECKPOINT_ROWS = {False: "checkpoints on the training thread", True: "checkpoints in the background"}
+
+
+def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> None:
+    """The model-only step of the largest model, with a checkpoint every ``s.steps // 3`` timed steps
+    written to local disk on the training thread, then in the background (the trainer's
+    ``checkpoint.background``: a copy to host memory on the training thread, the write on another).
+    Ray's copy to the run's storage and its commit are not here (no Ray on this machine): they add to the
+    training thread's share only when it writes."""
+    import functools
+
+    from trainer.background import Background
+    from trainer.checkpoint import capture_rng, save_checkpoint
+    from trainer.worker import train_state, train_step
+
+    name = next((m for m in ("deit_b_distill", "deit_b") if m in s.models), s.models[0] if s.models else None)
+    if name is None:
+        return
+    every = max(1, s.steps // 3)
+
+    def measure(background: bool) -> GpuRow:
+        _, p, _, batches = _model_parts(name, s, device)
+        writer, folder = Background("bench-checkpoint"), root / f"checkpoints-{background}"
+        spent = {"stall_s": 0.0, "written": 0}
+
+        def step(batch) -> None:
+            train_step(p, batch)
+            measured = p.step + 1 - s.warmup  # _time counts the step after this call
+            if 0 < measured < s.steps and measured % every == 0:
+                started = time.perf_counter()
+                writer.wait()
+                state = train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=background)
+                job = functools.partial(save_checkpoint, state, folder)
+                if background:
+                    writer.submit(job)
+                else:
+                    job()
+                spent["stall_s"] += time.perf_counter() - started
+                spent["written"] += 1
+
+        rate, wait, mem = _time(p, batches, s, step)
+        writer.wait()
+        size = max(sum(f.stat().st_size for f in d.iterdir()) for d in folder.iterdir() if d.name.startswith("step-"))
+        _free(device)
+        return GpuRow("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", rate, wait, None, mem,
+                      f"every {every} steps, {size / 1e6:.0f} MB each to local disk; {spent['written']} written, "
+                      f"{spent['stall_s'] / max(spent['written'], 1):.3f} s each on the training thread")
+
+    for background in (False, True):
+        rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b))
 
 
 def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> None:
@@ -476,6 +538,7 @@ def run_suite(s: Settings, partial: str | None = None) -> tuple[str, list[GpuRow
         shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
         _pipeline(s, device, root, shards_url, rows)
         _dali_alone(s, device, shards_url, rows)
+        _checkpoints(s, device, root, rows)
         _model_only(s, device, peak, rows, compiled=True, flops=flops)  # last: compiling costs ~1 min a model
     return _title(s, name, origin), rows.rows
 
@@ -525,6 +588,13 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
         eager, compiled = by_name.get(name), by_name.get(f"{name} compiled")
         if eager is not None and compiled is not None:
             line(f"{name}: compiled / timm eager step", compiled.views_per_s / eager.views_per_s, 2.0)
+    for name in {r.name.split(", ")[0] for r in rows if r.section == "checkpoints"}:
+        model = by_name.get(name)
+        for background, label in CHECKPOINT_ROWS.items():
+            row = by_name.get(f"{name}, {label}")
+            if model is not None and row is not None:
+                line(f"{name}: {label} / none{' (checkpoint.background, the default)' if background else ''}",
+                     row.views_per_s / model.views_per_s, None, spec=".3f")
     ours, stock = by_name.get("RandAugment alone, chunk default"), by_name.get(DALI_STOCK_RA)
     if ours is not None and stock is not None:
         line("RandAugment: ours (timm's semantics) / DALI stock rand_augment", ours.views_per_s / stock.views_per_s,

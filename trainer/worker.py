@@ -73,7 +73,8 @@ from trainer.tracking import NullTracker, Tracker, TrackingSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "local_parts", "build_teacher",
-           "loss_config", "synthetic_batches", "train_step", "optimizer_step", "evaluate", "checkpoint"]
+           "loss_config", "synthetic_batches", "train_step", "optimizer_step", "evaluate", "checkpoint",
+           "train_state"]
 
 LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
 
@@ -397,29 +398,33 @@ def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
     every = _all_gather(mine, p.world)
     metrics = {**metrics, "step": p.step, "epoch": p.step / p.loader.steps_per_epoch}
     background = p.config.checkpoint.background
-    if p.rank != 0:
-        job = functools.partial(_report, p, metrics, None)
-    else:
-        bare = unwrap(p.model)
-        state = TrainState(
-            step=p.step, epoch=p.step // p.loader.steps_per_epoch, model=bare.state_dict(),
-            optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
-            loader={str(r): s["loader"] for r, s in enumerate(every)},
-            rng={str(r): s["rng"] for r, s in enumerate(every)},
-            schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
-            extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world,
-                   "eval": {k: float(v) for k, v in p.last_eval.items()}},  # a finished run resumed still reports it
-        )
-        if background:  # the steps that follow change the parameters in place: write a copy
-            state = dataclasses.replace(state, model=snapshot(state.model), optimizer=snapshot(state.optimizer),
-                                        ema=snapshot(state.ema))
-        job = functools.partial(_report, p, metrics, state)
+    state = train_state(p, every, copy=background) if p.rank == 0 else None
+    job = functools.partial(_report, p, metrics, state)
     if background:
         p.writer.submit(job)
     else:
         job()
     p.timing["checkpoint_stall_s"] = p.timing.get("checkpoint_stall_s", 0.0) + time.perf_counter() - started
     p.timing["checkpoints"] = p.timing.get("checkpoints", 0) + 1
+
+
+def train_state(p: Parts, every: list[dict[str, Any]], copy: bool) -> TrainState:
+    """Rank 0's checkpoint of this step, with every rank's ``{"loader": ..., "rng": ...}`` (rank order).
+    ``copy``: model, optimizer and EMA tensors copied to host memory (for a write that runs while the
+    next steps change them in place); else the live tensors, for a write done before training goes on."""
+    bare = unwrap(p.model)
+    state = TrainState(
+        step=p.step, epoch=p.step // p.schedule.steps_per_epoch, model=bare.state_dict(),
+        optimizer=p.optimizer.state_dict(), ema=p.ema.module.state_dict() if p.ema is not None else None,
+        loader={str(r): s["loader"] for r, s in enumerate(every)}, rng={str(r): s["rng"] for r, s in enumerate(every)},
+        schedule=p.schedule.state_dict(), config=flatten(p.config), fingerprint=p.fingerprint,
+        extra={"mlflow_run_id": p.tracker.run_id, "name": p.options.name, "world": p.world,
+               "eval": {k: float(v) for k, v in p.last_eval.items()}},  # a finished run resumed still reports it
+    )
+    if copy:
+        state = dataclasses.replace(state, model=snapshot(state.model), optimizer=snapshot(state.optimizer),
+                                    ema=snapshot(state.ema))
+    return state
 
 
 def _report(p: Parts, metrics: dict[str, float], state: TrainState | None) -> None:
