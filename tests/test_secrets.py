@@ -103,5 +103,7 @@ def test_sentinel_secrets_appear_nowhere_a_run_writes(tmp_path: Path, object_sto
         runs_found = client.search_runs([experiment.experiment_id])
         assert len(runs_found) == 1 and runs_found[0].info.status == "FINISHED"
         assert len(runs_found[0].data.params) > 80  # the params were logged, and are clean (scanned above)
+        final = {a.path for a in client.list_artifacts(runs_found[0].info.run_id, "checkpoint")}
+        assert "checkpoint/state.pt" in final  # downloaded from the S3 run folder, then logged (scanned above)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

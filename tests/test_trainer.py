@@ -302,6 +302,10 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
     assert [m.name for m in models] == ["model"]  # the final student, mlflow.pytorch.log_model
+    final = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert set(final) == {"checkpoint/state.pt", "checkpoint/meta.json", "checkpoint/checksums.json"}
+    written = reference.run_dir / f"step-{STEPS:08d}"
+    assert final["checkpoint/state.pt"] == (written / "state.pt").stat().st_size  # the final one
     assert (reference.run_dir / "tracking.json").is_file()
 
 

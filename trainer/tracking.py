@@ -16,7 +16,9 @@ What is logged: params = the flattened resolved config (``checkpoint.safe_config
 tags = code version, Ray job id, dataset fingerprint, teacher identity (whatever the caller passes);
 the config as ``config.json``; metrics with their step; MLflow's system metrics (``system/...``, every
 ``system_metrics_every_s``); at the end the training-curve and throughput plots (`PLOTS`, from the run's
-whole history on the server) and the final model with ``mlflow.pytorch.log_model``.
+whole history on the server), the final model with ``mlflow.pytorch.log_model`` and the final checkpoint's
+files (``checkpoint/``: what ``model.pretrained_path`` and ``resume=`` load, downloaded from the run's
+storage when that is object storage).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections import deque
@@ -86,6 +89,9 @@ class NullTracker:
     def log_model(self, model: Any) -> None:
         pass
 
+    def log_checkpoint(self, path: str) -> None:
+        pass
+
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
         return True
 
@@ -110,6 +116,7 @@ class Tracker(NullTracker):
         self._retry_s, self._retry_max_s, self._max_held = retry_s, retry_max_s, max_held
         self._held: deque[Any] = deque()  # Metric entities not yet sent, oldest first
         self._model: Any = None  # the final model, until sent
+        self._checkpoint: str | None = None  # the final checkpoint's folder or URL, until sent
         self._client: Any = None
         self._created: str | None = None  # the run this tracker created (its params go once)
         self._params_sent = False
@@ -143,6 +150,11 @@ class Tracker(NullTracker):
         """Queue the final model (a CPU copy is taken by the caller) for ``mlflow.pytorch.log_model``."""
         self._put(("model", model))
 
+    def log_checkpoint(self, path: str) -> None:
+        """Queue the final checkpoint (a folder or URL: ``checkpoint.resolve_checkpoint``'s answer) for the
+        run's artifacts, under ``checkpoint/``."""
+        self._put(("checkpoint", path))
+
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
         """Send what is held (one last try), mark the run ``status``; wait at most ``timeout`` s.
         True if everything logged reached the server."""
@@ -175,6 +187,8 @@ class Tracker(NullTracker):
                     kind, payload = "retry", None
             if kind == "model":
                 self._model = payload
+            if kind == "checkpoint":
+                self._checkpoint = payload
             if kind == "end":
                 self._flush(force=True)
                 if self._monitor is not None:
@@ -184,18 +198,20 @@ class Tracker(NullTracker):
                 if self.run_id is not None and self._settled():
                     self._attempt(lambda s=payload: self._client.set_terminated(self.run_id, status=s),
                                   "end the run")
-                lost = len(self._held) + (self._model is not None)
+                lost = len(self._held) + (self._model is not None) + (self._checkpoint is not None)
                 if lost:
+                    unsent = [what for what, held in (("the model", self._model), ("the checkpoint", self._checkpoint))
+                              if held is not None]
                     log.warning("MLflow at %s unreachable at the end of training: %d metric values%s not "
                                 "logged", self.spec.tracking_uri, len(self._held),
-                                " and the model" if self._model is not None else "")
+                                "".join(f" and {what}" for what in unsent))
                 self.failed = self.failed or bool(lost) or self.run_id is None
                 return
             self._flush()
 
     def _settled(self) -> bool:
-        """Nothing waits to be sent (the run exists, no metrics or model held)."""
-        return self.run_id is not None and not self._held and self._model is None
+        """Nothing waits to be sent (the run exists, no metrics, model or checkpoint held)."""
+        return self.run_id is not None and not self._held and self._model is None and self._checkpoint is None
 
     def _hold(self, metrics: list[Any]) -> None:
         self._held.extend(metrics)
@@ -221,6 +237,9 @@ class Tracker(NullTracker):
                 self._held.popleft()
         if self._model is not None and self._attempt(lambda m=self._model: self._send_model(m), "log the model"):
             self._model = None
+        if self._checkpoint is not None and self._attempt(lambda c=self._checkpoint: self._send_checkpoint(c),
+                                                          "log the final checkpoint"):
+            self._checkpoint = None
 
     def _attempt(self, fn: Any, what: str) -> bool:
         """Run one MLflow call; a failure starts (or continues) an outage and schedules the next try."""
@@ -365,6 +384,19 @@ class Tracker(NullTracker):
 
         fs, path = Location(self.spec.run_dir).fs_and_path()
         write_json(fs, f"{path}/{RUN_FILE}", value)
+
+    def _send_checkpoint(self, path: str) -> None:
+        """The checkpoint's files under ``checkpoint/`` (copied to a local folder first if ``path`` is a URL)."""
+        if "://" not in path or path.startswith("file://"):
+            self._client.log_artifacts(self.run_id, path.removeprefix("file://"), "checkpoint")
+            return
+        from pipeline.storage import Location
+
+        fs, remote = Location(path).fs_and_path()
+        with tempfile.TemporaryDirectory(prefix="distillery-final-checkpoint-") as tmp:
+            for name in fs.ls(remote, detail=False):
+                fs.get(name, os.path.join(tmp, os.path.basename(name.rstrip("/"))))
+            self._client.log_artifacts(self.run_id, tmp, "checkpoint")
 
     def _send_model(self, model: Any) -> None:
         import mlflow

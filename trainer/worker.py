@@ -104,7 +104,7 @@ class RunOptions:
     ray_job_id: str = ""
     loader_threads: int = 4
     dali_threads: int = 2
-    log_model: bool = True  # the final model to MLflow (mlflow.pytorch.log_model)
+    log_model: bool = True  # the final model (mlflow.pytorch.log_model) and checkpoint to MLflow
     key_log_dir: str | None = None
     fault: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
@@ -547,6 +547,9 @@ def _finish(p: Parts) -> dict[str, Any] | None:
         import copy
 
         p.tracker.log_model(copy.deepcopy(unwrap(p.model)).cpu().eval())
+        final = resolve_checkpoint(p.options.run_dir) if p.options.run_dir else None
+        if final is not None and checkpoint_step(final) == p.step:  # written and committed before the loop ended
+            p.tracker.log_checkpoint(final)
     p.tracker.close()
     if p.rank != 0:
         return None
