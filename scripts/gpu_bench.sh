@@ -11,7 +11,8 @@
 # It installs DALI from the parts into /tmp/site (once per machine), runs `python -m trainer.bench_gpu`
 # and leaves the table in $OUT/BENCHMARKS-gpu.md (append it to BENCHMARKS.md) and the log beside it; the
 # table so far is rewritten after every row to $OUT/BENCHMARKS-gpu.md.partial, so a run killed at the device
-# limit still brings back what it measured. Pass --max-seconds so that the rows end before that limit.
+# limit still brings back what it measured, and the profiler's table of the profile row is
+# $OUT/BENCHMARKS-gpu.md.profile.txt. Pass --max-seconds so that the rows end before that limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 last=${1:-}

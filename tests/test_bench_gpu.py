@@ -50,13 +50,18 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
                         rf"every 1 steps, (\d+) MB each to local disk; 1 written, [\d.]+ s each", table, re.M)
         assert row and int(row[1]) > 0, where
         assert re.search(rf"^\| deit_b_distill: checkpoints {where} / none.* \| [\d.]+ \| - \| - \|$", table, re.M)
+    profile = re.search(r"^\| profile \| deit_s_distill, cache teacher, x3, profiled \| [\d,]+ \| .*CPU \(no GPU\) "
+                        r"ms per step: augment ([\d.]+), teacher ([\d.]+), student ([\d.]+), optimizer ([\d.]+); "
+                        r"top: \S+ \d+%", table, re.M)
+    assert profile and float(profile[3]) > 0 and float(profile[4]) > 0, "the step's phases are not in the profile"
+    assert "distillery.student" in Path(f"{out}.profile.txt").read_text()  # the profiler's whole table
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written
     assert table.strip() in written
     partial = Path(f"{out}.partial").read_text()  # rewritten after every row: what a killed run leaves
     assert "(partial: the run was still going)" in partial
     sections = ("| model only |", "| full pipeline |", "| peers |", "| DALI alone |", "| batch augmentation |",
-                "| checkpoints |")
+                "| checkpoints |", "| profile |")
     measured = [line for line in table.splitlines() if line.startswith(sections)]
     assert len(measured) > 10 and all(line in partial for line in measured)
 

@@ -21,6 +21,9 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    decode once -> 3 views.
 5. **checkpoints**: the largest model's model-only step with a checkpoint every ``--steps // 3`` steps,
    written on the training thread and in the background (``checkpoint.background``).
+6. **profile**: where the first pipeline model's step time goes (full pipeline, cached teacher, x3):
+   device time per step of each phase (augment, teacher, student forward + backward, optimizer) and the
+   top kernels; the profiler's whole table beside the written one (``--write PATH``: PATH.profile.txt).
 
 ``--write BENCHMARKS.md`` appends the table with the date and the device's name. ``--quick`` is the
 CI-sized run (tiny steps and images: it checks that every row runs, not how fast).
@@ -284,33 +287,43 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
         rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b))
 
 
-def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> None:
+def _pipeline_parts(s: Settings, device: torch.device, base: TrainConfig, weights: str, cache: str, source: str,
+                    repeats: int, where):
+    """(parts, loader) of a full-pipeline row: ``where``'s shards -> stream -> DALI -> the step, with the
+    ``source`` teacher (``cache``: the cache built from ``weights``)."""
     from pipeline.loader import TrainLoader
-    from pipeline.storage import Location
-    from pipeline.stream import ShardSet
     from trainer.overrides import apply_overrides
     from trainer.worker import build_teacher, local_parts
 
-    shards = ShardSet.open(Location(shards_url), "train")
+    url = where.location.url
+    config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
+                                    f"distill.teacher.pretrained_path={weights}", f"data.stream.repeats={repeats}",
+                                    f"data.train_url={url}", f"data.val_url={url}"])
+    teacher, _ = build_teacher(config, device, where)
     data_device = "cpu" if device.type == "cpu" else str(device)
+    loader = TrainLoader(where, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
+    return local_parts(config, device, teacher, steps_per_epoch=loader.steps_per_epoch), loader
+
+
+def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> dict[str, tuple]:
+    """The full-pipeline and peers rows; returns each model's (recipe, teacher weights, cache)."""
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+
+    shards = ShardSet.open(Location(shards_url), "train")
 
     def measure(base: TrainConfig, name: str, weights: str, cache: str, source: str, repeats: int,
                 where: ShardSet = shards, store: str = "local disk") -> GpuRow:
-        url = where.location.url
-        config = apply_overrides(base, [f"distill.source={source}", f"distill.cache_url={cache}",
-                                        f"distill.teacher.pretrained_path={weights}", f"data.stream.repeats={repeats}",
-                                        f"data.train_url={url}", f"data.val_url={url}"])
-        teacher, _ = build_teacher(config, device, where)
-        loader = TrainLoader(where, config.data, 1, 0, data_device, threads=s.threads, dali_threads=s.threads)
-        p = local_parts(config, device, teacher, steps_per_epoch=loader.steps_per_epoch)
+        p, loader = _pipeline_parts(s, device, base, weights, cache, source, repeats, where)
         rate, wait, mem = _time(p, iter(loader), s)
-        del p, loader, teacher
+        del p, loader
         _free(device)
         suffix = "" if store == "local disk" else ", S3"
         return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}{suffix}", rate, wait, None, mem,
                       f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> step")
 
     teachers: dict[tuple, tuple[str, str]] = {}  # one random teacher and cache per teacher identity
+    built: dict[str, tuple] = {}
     for name in s.pipeline_models:
         base = _recipe(name, s)
         t = base.distill.teacher
@@ -322,6 +335,7 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                 log.exception("bench_gpu: the teacher cache for %s failed", name)
                 teachers[key] = str(root / name / "teacher-random.pth"), f"not built ({type(exc).__name__})"
         weights, cache = teachers[key]
+        built[name] = (base, weights, cache)
         for source in ("cache", "online"):
             for repeats in (3, 1):
                 rows.add("full pipeline", f"{name}, {source} teacher, x{repeats}",
@@ -334,6 +348,81 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                     rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
                              lambda b=base, n=name, w=weights, c=cache, k=repeats:
                              measure(b, n, w, c, "cache", k, s3_shards, "S3 (moto on 127.0.0.1)"))
+    return built
+
+
+PROFILED_STEPS = 5
+
+
+def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple], rows: _Rows,
+             out: str | None) -> None:
+    """Where the step's time goes, for the first pipeline model's full pipeline (cached teacher, x3):
+    ``PROFILED_STEPS`` steps under torch.profiler after the warm-up; the row's note gives each phase's
+    device time per step (the trainer's ``distillery.<phase>`` ranges) and the top kernels; ``out``: the
+    profiler's whole table is written there."""
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+    from trainer.worker import PHASES, _Timer, train_step
+
+    if not built:
+        return
+    name = next(iter(built))
+    base, weights, cache = built[name]
+    label = f"{name}, cache teacher, x3, profiled"
+
+    def measure() -> GpuRow:
+        p, loader = _pipeline_parts(s, device, base, weights, cache, "cache", 3,
+                                    ShardSet.open(Location(shards_url), "train"))
+        batches, timer = iter(loader), _Timer()
+        for _ in range(s.warmup):
+            train_step(p, next(batches))
+            p.step += 1
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        timer.measure(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(PROFILED_STEPS):
+                batch = timer.wait(batches)
+                train_step(p, batch)
+                p.step += 1
+                timer.stepped(_views(batch))
+            timer.settle(device)
+        del p, loader
+        _free(device)
+        events = prof.key_averages()
+        cuda = device.type == "cuda"
+
+        def spent(event, own: bool = False) -> float:  # microseconds on the device (the CPU without a GPU)
+            kind = "self_" if own else ""
+            if not cuda:
+                return float(getattr(event, f"{kind}cpu_time_total"))
+            value = getattr(event, f"{kind}device_time_total", None)  # torch >= 2.4; cuda_time_total before
+            return float(value if value is not None else getattr(event, f"{kind}cuda_time_total"))
+
+        phases: dict[str, float] = {}
+        for e in prof.events():  # the host-side ranges (a GPU has device-side copies of them, not counted)
+            if e.name.startswith("distillery.") and e.device_type == torch.autograd.DeviceType.CPU:
+                phase = e.name.removeprefix("distillery.")
+                phases[phase] = phases.get(phase, 0.0) + spent(e)
+        def leaf(event) -> bool:  # kernels on a GPU (an op's "self" device time repeats its kernels'); ops on a CPU
+            if event.key.startswith("distillery."):
+                return False
+            return event.device_type == torch.autograd.DeviceType.CUDA if cuda else spent(event, own=True) > 0
+
+        kernels = sorted((e for e in events if leaf(e)), key=lambda e: -spent(e, own=True))
+        total = sum(spent(e, own=True) for e in kernels) or 1.0
+        if out:
+            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            _write_atomic(out, f"{label} ({PROFILED_STEPS} steps)\n\n" + events.table(sort_by=sort, row_limit=40))
+        m = timer.measured
+        per_step = ", ".join(f"{phase} {phases.get(phase, 0.0) / PROFILED_STEPS / 1e3:.1f}" for phase in PHASES)
+        top = ", ".join(f"{e.key[:40]} {spent(e, own=True) / total:.0%}" for e in kernels[:3])
+        where = "device" if cuda else "CPU (no GPU)"
+        return GpuRow("profile", label, m["views"] / m["step_s"], m["wait_s"] / m["step_s"], None, None,
+                      f"{where} ms per step: {per_step}; top: {top}")
+
+    rows.add("profile", label, measure, min_seconds=30.0)
 
 
 @contextlib.contextmanager
@@ -514,9 +603,10 @@ def _title(s: Settings, name: str, origin: str) -> str:
             f"{s.threads} loader / DALI threads and peer workers; random weights")
 
 
-def run_suite(s: Settings, partial: str | None = None) -> tuple[str, list[GpuRow]]:
+def run_suite(s: Settings, partial: str | None = None, profile: str | None = None) -> tuple[str, list[GpuRow]]:
     """The whole table. ``partial``: a file rewritten (atomically) with the table so far after every row,
-    so that a run killed at the device's time limit still leaves what it measured."""
+    so that a run killed at the device's time limit still leaves what it measured; ``profile``: where the
+    profile row writes the profiler's table."""
     from trainer.bench import synthetic_shards
 
     cuda = torch.cuda.is_available()
@@ -536,10 +626,11 @@ def run_suite(s: Settings, partial: str | None = None) -> tuple[str, list[GpuRow
         _model_only(s, device, peak, rows, compiled=False, flops=flops)
         classes = _recipe(s.pipeline_models[0], s).model.num_classes if s.pipeline_models else 1000
         shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
-        _pipeline(s, device, root, shards_url, rows)
+        built = _pipeline(s, device, root, shards_url, rows)
         _dali_alone(s, device, shards_url, rows)
         _model_only(s, device, peak, rows, compiled=True, flops=flops)  # compiling costs ~1 min a model
-        _checkpoints(s, device, root, rows)  # last: no goal depends on it
+        _checkpoints(s, device, root, rows)  # no goal depends on these two
+        _profile(s, device, shards_url, built, rows, profile)
     return _title(s, name, origin), rows.rows
 
 
@@ -663,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if s.batch % 6:
         raise SystemExit(f"--batch {s.batch}: must be a multiple of 6, so that the views of a step are even "
                          f"(Mixup/CutMix pairs them) at repeats 3 and 1; e.g. --batch {s.batch // 6 * 6 or 6}")
-    title, rows = run_suite(s, partial=f"{args.write}.partial" if args.write else None)
+    title, rows = run_suite(s, partial=f"{args.write}.partial" if args.write else None,
+                            profile=f"{args.write}.profile.txt" if args.write else None)
     text = table(title, rows)
     print(text)
     if args.write:

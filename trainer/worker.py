@@ -274,8 +274,18 @@ def train_step(p: Parts, batch: Batch | Prepared) -> LossTerms:
     if isinstance(batch, Prepared):
         aug, batch = batch.aug, batch.batch
     else:
-        aug = p.augment.apply(batch.views, batch.labels, batch.rng)
+        with _phase("augment"):
+            aug = p.augment.apply(batch.views, batch.labels, batch.rng)
     return optimizer_step(p, aug.x, aug.targets, batch, aug.mix)
+
+
+PHASES = ("augment", "teacher", "student", "optimizer")  # a step's profiler ranges, "distillery.<phase>"
+
+
+def _phase(name: str) -> torch.profiler.record_function:
+    """A profiler range around one phase of the step (trainer.bench_gpu's profile reads them; outside a
+    profiler it costs a few microseconds)."""
+    return torch.profiler.record_function(f"distillery.{name}")
 
 
 def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batch | None = None,
@@ -284,7 +294,7 @@ def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batc
     loss, backward, clip, update, EMA. ``batch`` and ``mix`` are what a teacher cache needs (an online
     teacher only looks at ``x``)."""
     spans = _micro_batches(len(x), p.config.optim.micro_batches)
-    with p.autocast:
+    with p.autocast, _phase("teacher"):
         teacher_logits = None
         if p.teacher is not None:
             with torch.no_grad():
@@ -293,11 +303,13 @@ def optimizer_step(p: Parts, x: torch.Tensor, targets: torch.Tensor, batch: Batc
                 else:  # a cache pools and mixes over the whole batch
                     teacher_logits = p.teacher(x, batch, mix)
     p.optimizer.zero_grad(set_to_none=True)
-    terms = _accumulate(p, x, targets, teacher_logits, spans)  # one slice (the whole batch) by default
-    clip_gradients(p.model, p.config.optim.clip_grad)
-    p.optimizer.step()
-    if p.ema is not None:
-        p.ema.update(unwrap(p.model))
+    with _phase("student"):
+        terms = _accumulate(p, x, targets, teacher_logits, spans)  # one slice (the whole batch) by default
+    with _phase("optimizer"):
+        clip_gradients(p.model, p.config.optim.clip_grad)
+        p.optimizer.step()
+        if p.ema is not None:
+            p.ema.update(unwrap(p.model))
     return terms
 
 
