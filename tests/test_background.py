@@ -16,8 +16,10 @@ def test_snapshot_copies_every_tensor_and_keeps_the_containers() -> None:
     state = {"model": OrderedDict(w=weight), "optimizer": {"state": {0: {"exp_avg": torch.zeros(3), "step": 4}},
                                                              "param_groups": [{"lr": 0.1, "params": [0]}]},
              "pair": (torch.arange(2), "x")}
+    state["model"]._metadata = {"": {"version": 2}}  # as Module.state_dict() leaves it (versions, e.g. BatchNorm's)
     copied = snapshot(state)
     assert isinstance(copied["model"], OrderedDict) and isinstance(copied["pair"], tuple)
+    assert copied["model"]._metadata == {"": {"version": 2}}
     with torch.no_grad():
         weight.mul_(5)
     state["optimizer"]["state"][0]["exp_avg"].add_(1)

@@ -110,7 +110,7 @@ def test_checkpoint_rows_write_checkpoints_in_the_timed_steps(local_ray: Any, tm
         row = rows[CHECKPOINT_ROWS[background]]
         assert row["views"] == rows["model only"]["views"] and row["views_per_s"] > 0
         written = re.search(r"; (\d+) written, ([\d.]+) s writing and reporting, ([\d.]+) s of it on the training "
-                            r"thread", row["note"])
+                            r"thread \(of which ([\d.]+) s waiting for a write still running\)", row["note"])
         assert written and int(written[1]) == 2 and float(written[2]) > 0, row["note"]
     ratios = {r["name"]: r for r in result["ratios"]}
     assert ratios["checkpoints in the background / none"]["denominator"] == "model only"

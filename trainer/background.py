@@ -28,10 +28,12 @@ def snapshot(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        out = obj.copy()  # keeps the mapping's type (OrderedDict for module state dicts)
+        out = copy.copy(obj)  # the mapping's type and attributes (a module state dict's _metadata: versions)
         for key, value in obj.items():
             out[key] = snapshot(value)
         return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(snapshot(value) for value in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(snapshot(value) for value in obj)
     return copy.deepcopy(obj)

@@ -13,7 +13,10 @@ second and the data-wait fraction (the share of step time spent in ``next(batche
 4. full pipeline, N workers (``--workers``): the same on N Ray Train workers (DDP), per worker.
 5. with ``--checkpoint-every K``: model only, writing a checkpoint every K timed steps (Ray's report, the
    copy to the run's storage and its commit included), on the training thread (``checkpoint.background=
-   false``) and in the background (the default); the time the training thread loses counts as step time.
+   false``) and in the background (the default); the time the training thread loses counts as step time,
+   waiting for a background write still running included (the last one's rest too, at the end). Choose
+   K so that a write fits in K steps, as it does at the default 1000: a K it does not fit in measures
+   the waits, not the background.
 
 Each worker keeps the recipe's per-worker batch (``data.batch_size / scaling.num_workers``), so the rows
 compare per-worker (per-GPU) rates as workers are added. Targets (issue 5): full pipeline >= 0.95 x model
@@ -255,7 +258,8 @@ class _Measure:
         if checkpoint_every:
             spent = result.return_value["timing"]
             note += (f"; {spent.get('checkpoints', 0)} written, {spent.get('checkpoint_write_s', 0.0):.2f} s writing"
-                     f" and reporting, {spent.get('checkpoint_stall_s', 0.0):.2f} s of it on the training thread")
+                     f" and reporting, {spent.get('checkpoint_stall_s', 0.0):.2f} s of it on the training thread "
+                     f"(of which {spent.get('checkpoint_wait_s', 0.0):.2f} s waiting for a write still running)")
         return Row(name, n, timing["views"] / timing["step_s"], timing["wait_s"] / timing["step_s"], note,
                    int(timing["views"]))
 

@@ -15,6 +15,8 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
 2. **full pipeline**, DeiT-S and DeiT-B distilled: shards on local disk -> stream -> DALI -> batch
    augmentation -> teacher -> step, repeats 3 and 1, with the cached teacher (RegNetY-16GF, built here
    with ``teacher-cache build --workers 0``) and with the online one.
+   Before them, the teacher cache build (``--workers 0``) timed over the generated images, and the
+   teacher's bf16 forward alone at the build's batch (issue 4: build >= 0.90 x inference).
 3. **peers**: timm's ``create_transform`` with PIL in a torch DataLoader (one worker process per core)
    reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
 4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
@@ -258,14 +260,14 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
     def measure(background: bool) -> GpuRow:
         _, p, _, batches = _model_parts(name, s, device)
         writer, folder = Background("bench-checkpoint"), root / f"checkpoints-{background}"
-        spent = {"stall_s": 0.0, "written": 0}
+        spent = {"stall_s": 0.0, "wait_s": 0.0, "written": 0}
 
         def step(batch) -> None:
             train_step(p, batch)
             measured = p.step + 1 - s.warmup  # _time counts the step after this call
             if 0 < measured < s.steps and measured % every == 0:
                 started = time.perf_counter()
-                writer.wait()
+                spent["wait_s"] += writer.wait()
                 state = train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=background)
                 job = functools.partial(save_checkpoint, state, folder)
                 if background:
@@ -274,6 +276,10 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
                     job()
                 spent["stall_s"] += time.perf_counter() - started
                 spent["written"] += 1
+            elif measured == s.steps:  # the last write's rest counts too
+                waited = writer.wait()
+                spent["wait_s"] += waited
+                spent["stall_s"] += waited
 
         rate, wait, mem = _time(p, batches, s, step)
         writer.wait()
@@ -281,7 +287,8 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
         _free(device)
         return GpuRow("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", rate, wait, None, mem,
                       f"every {every} steps, {size / 1e6:.0f} MB each to local disk; {spent['written']} written, "
-                      f"{spent['stall_s'] / max(spent['written'], 1):.3f} s each on the training thread")
+                      f"{spent['stall_s'] / max(spent['written'], 1):.3f} s each on the training thread "
+                      f"({spent['wait_s']:.2f} s in all waiting for a write still running)")
 
     for background in (False, True):
         rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b))
@@ -329,11 +336,23 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
         t = base.distill.teacher
         key = (t.name, t.img_size, base.model.num_classes)
         if key not in teachers:
-            try:
-                teachers[key] = _random_teacher(base, shards_url, root / name)
-            except Exception as exc:  # noqa: BLE001 - the online rows can still run
-                log.exception("bench_gpu: the teacher cache for %s failed", name)
-                teachers[key] = str(root / name / "teacher-random.pth"), f"not built ({type(exc).__name__})"
+            # replaced by the build row; if it fails, the cache rows fail and the online ones still run
+            teachers[key] = str(root / name / "teacher-random.pth"), "not built (see the teacher rows)"
+            label = f"{t.name}@{t.img_size}"
+
+            def build(b: TrainConfig = base, k: tuple = key, n: str = name, label: str = label) -> GpuRow:
+                from teacher_cache.build import CacheBuildConfig
+
+                weights, cache, seconds = _random_teacher(b, shards_url, root / n)
+                teachers[k] = weights, cache
+                return GpuRow("teacher", f"{label} cache build", s.images / seconds,
+                              note=f"teacher-cache build --workers 0 over {s.images} images, batch "
+                                   f"{CacheBuildConfig.batch_size}: DALI decode -> bf16 forward -> top-k maps -> "
+                                   f"parquet")
+
+            rows.add("teacher", f"{label} cache build", build)
+            rows.add("teacher", f"{label} bf16 inference alone",
+                     lambda b=base, k=key, label=label: _teacher_inference(s, device, b, teachers[k][0], label))
         weights, cache = teachers[key]
         built[name] = (base, weights, cache)
         for source in ("cache", "online"):
@@ -445,17 +464,44 @@ def _object_store(root: Path, shards) -> Iterator:
         stop_object_store(store)
 
 
-def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str]:
-    """Random teacher weights saved under ``root`` and a cache of that teacher over the shards (no Ray)."""
+def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str, float]:
+    """Random teacher weights saved under ``root`` and a cache of that teacher over the shards (no Ray);
+    returns (weights, cache, seconds the build took)."""
     from trainer.bench import _random_teacher_cache, random_teacher_weights
 
     root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     weights = random_teacher_weights(config, root / "teacher-random.pth")
+    started = time.perf_counter()
     cache = _random_teacher_cache(config, shards_url, weights, root / "cache", workers=0)
-    log.info("bench_gpu: teacher cache of %s built in %.1f s", config.distill.teacher.name,
-             time.perf_counter() - started)
-    return weights, cache
+    seconds = time.perf_counter() - started
+    log.info("bench_gpu: teacher cache of %s built in %.1f s", config.distill.teacher.name, seconds)
+    return weights, cache, seconds
+
+
+def _teacher_inference(s: Settings, device: torch.device, config: TrainConfig, weights: str, label: str) -> GpuRow:
+    """The teacher's forward alone (bf16 autocast and channels_last on a GPU, no gradients), as the cache
+    build runs it, on random normalised images at the build's batch: the baseline of the build's rate."""
+    from teacher_cache.build import CacheBuildConfig
+    from teacher_cache.teacher import Teacher, TeacherSpec
+    from trainer.worker import _sync
+
+    t = config.distill.teacher
+    teacher = Teacher(TeacherSpec(t.name, weights, config.model.num_classes, t.img_size), str(device))
+    batch = CacheBuildConfig.batch_size
+    x = torch.randn(batch, 3, t.img_size, t.img_size, device=device).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        teacher.logits(x)
+    _sync(device)
+    started, images = time.perf_counter(), 0
+    while images < max(s.images, batch) or time.perf_counter() - started < 1.0:
+        teacher.logits(x)
+        images += batch
+    _sync(device)
+    rate = images / (time.perf_counter() - started)
+    del teacher, x
+    _free(device)
+    return GpuRow("teacher", f"{label} bf16 inference alone", rate, note=f"forward only, batch {batch}, random input")
+
 
 
 class _ShardBytes(torch.utils.data.Dataset):
@@ -675,6 +721,10 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
             line(f"{name}: full pipeline (cache, x3) / model only", full.views_per_s / model.views_per_s, 0.95)
         if peer is not None:
             line(f"{name}: full pipeline (cache, x3) / peers' stack", full.views_per_s / peer.views_per_s, None)
+    for build in (r for r in rows if r.section == "teacher" and r.name.endswith(" cache build") and r.views_per_s):
+        alone = by_name.get(build.name.removesuffix(" cache build") + " bf16 inference alone")
+        if alone is not None:
+            line(f"{build.name} / its bf16 inference alone (issue 4)", build.views_per_s / alone.views_per_s, 0.90)
     for name in ("cait_xxs24", "cait_s24"):
         eager, compiled = by_name.get(name), by_name.get(f"{name} compiled")
         if eager is not None and compiled is not None:

@@ -152,7 +152,8 @@ class Tracker(NullTracker):
 
     def log_checkpoint(self, path: str) -> None:
         """Queue the final checkpoint (a folder or URL: ``checkpoint.resolve_checkpoint``'s answer) for the
-        run's artifacts, under ``checkpoint/``."""
+        run's artifacts, under ``checkpoint/``, sent at ``close`` after the run has ended (give ``close``
+        the time a checkpoint's upload takes)."""
         self._put(("checkpoint", path))
 
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
@@ -198,20 +199,21 @@ class Tracker(NullTracker):
                 if self.run_id is not None and self._settled():
                     self._attempt(lambda s=payload: self._client.set_terminated(self.run_id, status=s),
                                   "end the run")
-                lost = len(self._held) + (self._model is not None) + (self._checkpoint is not None)
+                lost = len(self._held) + (self._model is not None)
                 if lost:
-                    unsent = [what for what, held in (("the model", self._model), ("the checkpoint", self._checkpoint))
-                              if held is not None]
                     log.warning("MLflow at %s unreachable at the end of training: %d metric values%s not "
                                 "logged", self.spec.tracking_uri, len(self._held),
-                                "".join(f" and {what}" for what in unsent))
+                                " and the model" if self._model is not None else "")
+                if self._checkpoint is not None:  # last, once: the largest upload, and the run is complete without
+                    lost += not self._send_final_checkpoint(self._checkpoint)
                 self.failed = self.failed or bool(lost) or self.run_id is None
                 return
             self._flush()
 
     def _settled(self) -> bool:
-        """Nothing waits to be sent (the run exists, no metrics, model or checkpoint held)."""
-        return self.run_id is not None and not self._held and self._model is None and self._checkpoint is None
+        """Nothing waits to be sent (the run exists, no metrics or model held; the final checkpoint goes at
+        the end, once)."""
+        return self.run_id is not None and not self._held and self._model is None
 
     def _hold(self, metrics: list[Any]) -> None:
         self._held.extend(metrics)
@@ -237,9 +239,6 @@ class Tracker(NullTracker):
                 self._held.popleft()
         if self._model is not None and self._attempt(lambda m=self._model: self._send_model(m), "log the model"):
             self._model = None
-        if self._checkpoint is not None and self._attempt(lambda c=self._checkpoint: self._send_checkpoint(c),
-                                                          "log the final checkpoint"):
-            self._checkpoint = None
 
     def _attempt(self, fn: Any, what: str) -> bool:
         """Run one MLflow call; a failure starts (or continues) an outage and schedules the next try."""
@@ -385,18 +384,27 @@ class Tracker(NullTracker):
         fs, path = Location(self.spec.run_dir).fs_and_path()
         write_json(fs, f"{path}/{RUN_FILE}", value)
 
-    def _send_checkpoint(self, path: str) -> None:
-        """The checkpoint's files under ``checkpoint/`` (copied to a local folder first if ``path`` is a URL)."""
-        if "://" not in path or path.startswith("file://"):
-            self._client.log_artifacts(self.run_id, path.removeprefix("file://"), "checkpoint")
-            return
-        from pipeline.storage import Location
+    def _send_final_checkpoint(self, path: str) -> bool:
+        """The final checkpoint's files under ``checkpoint/`` (fetched to a local folder first when ``path``
+        is a URL), after the run has ended (MLflow takes artifacts of a finished run): one try, since the
+        run is complete without it and it stays in the run's storage either way. True if it was logged."""
+        if self.run_id is None:
+            return False
+        try:
+            if "://" not in path or path.startswith("file://"):
+                self._client.log_artifacts(self.run_id, path.removeprefix("file://"), "checkpoint")
+                return True
+            from pipeline.storage import Location
 
-        fs, remote = Location(path).fs_and_path()
-        with tempfile.TemporaryDirectory(prefix="distillery-final-checkpoint-") as tmp:
-            for name in fs.ls(remote, detail=False):
-                fs.get(name, os.path.join(tmp, os.path.basename(name.rstrip("/"))))
-            self._client.log_artifacts(self.run_id, tmp, "checkpoint")
+            fs, remote = Location(path).fs_and_path()
+            with tempfile.TemporaryDirectory(prefix="distillery-final-checkpoint-") as tmp:
+                fs.get(remote.rstrip("/") + "/", tmp + "/", recursive=True)
+                self._client.log_artifacts(self.run_id, tmp, "checkpoint")
+            return True
+        except Exception as exc:  # noqa: BLE001 - the run and its checkpoint are intact; say so and go on
+            log.warning("could not log the final checkpoint %s to MLflow at %s (%s: %s); it stays in the run's "
+                        "storage", path, self.spec.tracking_uri, type(exc).__name__, str(exc)[:300])
+            return False
 
     def _send_model(self, model: Any) -> None:
         import mlflow

@@ -199,6 +199,9 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
             if not p.options.bench:  # a benchmark's checkpoints (bench["checkpoint_every"]) count as step time
                 timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
     if p.options.bench:
+        waited = p.writer.wait()  # a benchmark charges the last write's rest to its steps
+        _add(p.timing, "checkpoint_wait_s", waited)
+        _add(p.timing, "checkpoint_stall_s", waited)
         p.timing["bench"] = _bench_timing(p, timer)
     p.writer.wait()  # the last checkpoint's write and report
     p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
@@ -405,7 +408,7 @@ def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
     rank 0's model, optimizer and EMA to host memory; the write and Ray's report (every rank's: it is a
     barrier) run on ``p.writer``'s thread while training goes on (trainer.background)."""
     started = time.perf_counter()
-    p.writer.wait()  # the one before (one snapshot held at a time; its error, if any, is raised here)
+    _add(p.timing, "checkpoint_wait_s", p.writer.wait())  # the one before: one snapshot at a time; its error here
     mine = {"loader": p.loader.state_dict(), "rng": capture_rng()}
     every = _all_gather(mine, p.world)
     metrics = {**metrics, "step": p.step, "epoch": p.step / p.loader.steps_per_epoch}
@@ -416,8 +419,12 @@ def checkpoint(p: Parts, metrics: dict[str, float]) -> None:
         p.writer.submit(job)
     else:
         job()
-    p.timing["checkpoint_stall_s"] = p.timing.get("checkpoint_stall_s", 0.0) + time.perf_counter() - started
-    p.timing["checkpoints"] = p.timing.get("checkpoints", 0) + 1
+    _add(p.timing, "checkpoint_stall_s", time.perf_counter() - started)
+    _add(p.timing, "checkpoints", 1)
+
+
+def _add(timing: dict[str, float], key: str, value: float) -> None:
+    timing[key] = timing.get(key, 0) + value
 
 
 def train_state(p: Parts, every: list[dict[str, Any]], copy: bool) -> TrainState:
@@ -458,7 +465,7 @@ def _report(p: Parts, metrics: dict[str, float], state: TrainState | None) -> No
                                                timeout_s=300)
     except Exception as exc:  # the wait is a guarantee about restarts, not a condition for training on
         log.warning("step %d: could not confirm that Ray registered the checkpoint (%s)", state.step, exc)
-    p.timing["checkpoint_write_s"] = p.timing.get("checkpoint_write_s", 0.0) + time.perf_counter() - started
+    _add(p.timing, "checkpoint_write_s", time.perf_counter() - started)
     log.info("step %d: checkpoint %s reported", state.step, path.name)
 
 
@@ -554,7 +561,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOSE_WITH_CHECKPOINT_S = 900.0  # the tracker's close when it also uploads the final checkpoint (~1 GB for DeiT-B)
+
+
 def _finish(p: Parts) -> dict[str, Any] | None:
+    close_s = 60.0
     if p.options.log_model and p.rank == 0 and p.restored_from != p.step:
         import copy
 
@@ -562,7 +573,8 @@ def _finish(p: Parts) -> dict[str, Any] | None:
         final = resolve_checkpoint(p.options.run_dir) if p.options.run_dir else None
         if final is not None and checkpoint_step(final) == p.step:  # written and committed before the loop ended
             p.tracker.log_checkpoint(final)
-    p.tracker.close()
+            close_s = CLOSE_WITH_CHECKPOINT_S
+    p.tracker.close(timeout=close_s)
     if p.rank != 0:
         return None
     return {"step": p.step, "history": p.history, "eval": p.last_eval, "restored_from": p.restored_from,
