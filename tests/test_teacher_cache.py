@@ -212,3 +212,23 @@ def test_bench_prints_agreement_by_crop_box_and_by_whole_image_and_step_rates() 
         assert box == whole and all(0 <= v <= 100 for v in (box, online_right, cache_right))
     for mode in ("none", "online", "cache"):
         assert re.search(rf"^{mode} teacher\s+\d+\s+[\d.]+$", text, re.M), mode
+
+
+def test_one_decoding_graph_serves_every_shard_of_a_worker(digits) -> None:
+    """A cache worker keeps one DALI graph from shard to shard (WholeImages): the maps are those of a
+    graph built for each shard, whatever the shards' order and sizes (last chunks smaller than a batch)."""
+    from teacher_cache.build import WholeImages, encode_shard
+
+    shards, weights = digits
+    spec = TeacherSpec("resnet10t", weights, 10, 32)
+    cfg = CacheBuildConfig(shards=shards.location, out=Location("unused"), teacher=spec, topk=4, batch_size=48)
+    teacher = Teacher(spec)
+    order = sorted(shards.shard_names, reverse=True)
+    assert len(order) >= 3 and any(int(shards.counts[s]) % 48 for s in order)
+    shared = WholeImages(cfg.batch_size, spec.resolution, None, cfg.dali_threads)
+    for shard in [*order, order[0]]:  # and a shard again
+        keys, maps, _ = encode_shard(shards, shard, teacher, cfg, shared)
+        fresh_keys, fresh, _ = encode_shard(shards, shard, teacher, cfg)
+        assert keys == fresh_keys and len(keys) == int(shards.counts[shard])
+        for got, want in ((maps.indices, fresh.indices), (maps.values, fresh.values), (maps.floor, fresh.floor)):
+            assert np.array_equal(got, want), shard
