@@ -36,6 +36,12 @@ class EncodedMaps:
 
 def encode(maps: torch.Tensor, k: int) -> EncodedMaps:
     """[n, C, h, w] float logit maps -> top-k per location + floor."""
+    return to_host(encode_on_device(maps, k))
+
+
+def encode_on_device(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """:func:`encode` without the copy to host: (indices int16, values fp16, floor fp16, h, w) on the maps'
+    device, so that a build can queue the next batch before it waits for this one (:func:`to_host`)."""
     n, classes, height, width = maps.shape
     if classes > 32767:
         raise ValueError(f"{classes} classes do not fit int16 class indices")
@@ -43,8 +49,12 @@ def encode(maps: torch.Tensor, k: int) -> EncodedMaps:
     values, indices = flat.topk(min(k, classes), dim=-1)
     rest = classes - values.shape[-1]
     floor = (flat.sum(-1) - values.sum(-1)) / rest if rest else values[..., -1]
-    return EncodedMaps(indices.to(torch.int16).cpu().numpy(), values.half().cpu().numpy(),
-                       floor.half().cpu().numpy(), height, width)
+    return indices.to(torch.int16), values.half(), floor.half(), height, width
+
+
+def to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]) -> EncodedMaps:
+    indices, values, floor, height, width = encoded
+    return EncodedMaps(indices.cpu().numpy(), values.cpu().numpy(), floor.cpu().numpy(), height, width)
 
 
 def box_weights(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
