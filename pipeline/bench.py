@@ -77,6 +77,11 @@ def bench_build(src: str | None = None, images: int = 2000, split: str = "train"
         f"{'method':<28}{'seconds':>9}{'images/s':>11}{'MB/s':>9}{'vs copy':>9}",
         f"{'plain copy (cp -r)':<28}{best_copy:>9.2f}{n / best_copy:>11.0f}{mb / best_copy:>9.1f}{1.0:>9.2f}",
         f"{'build-shards':<28}{best_build:>9.2f}{n / best_build:>11.0f}{mb / best_build:>9.1f}"
-        f"{best_copy / best_build:>9.2f}",
+        f"{_ratio(best_copy / best_build):>9}",
     ]
     return "\n".join(lines)
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits for a ratio under 0.1 (a tiny tree's fixed costs)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"

@@ -653,3 +653,59 @@ def test_a_failed_background_write_fails_the_next_checkpoint(digits: str, monkey
     with pytest.raises(OSError, match="No space left on device"):
         worker.checkpoint(p, {})
     assert calls == [4]  # the second checkpoint was not started on top of the lost one
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int) -> None:
+    """runtime.compile's path (local_parts(compile_model=True), as the worker and bench_gpu build it): the same
+    losses step for step as eager, and a checkpoint of the bare model's keys. torch.compile runs with the
+    aot_eager backend here: Dynamo's trace and AOTAutograd, without inductor's code generation (a C++
+    compiler CI need not have; runtime.compile_backend)."""
+    from trainer.checkpoint import capture_rng
+    from trainer.worker import _ConstantTeacher, local_parts, optimizer_step, synthetic_batches, train_state
+
+    config = apply_overrides(recipes.get("demo_deit_tiny_distill"), [
+        "data.batch_size=30", "model.drop_path=0.0", f"optim.micro_batches={micro_batches}",
+        "runtime.compile_backend=aot_eager"])
+    batch = next(synthetic_batches(config, torch.device("cpu"), 10, torch.Generator().manual_seed(0)))
+    teacher = _ConstantTeacher(torch.randn(30, 10, generator=torch.Generator().manual_seed(1)))
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        p = local_parts(config, torch.device("cpu"), teacher, compile_model=compiled)
+        assert hasattr(p.model, "_orig_mod") == compiled
+        losses = []
+        for _ in range(3):
+            aug = p.augment.apply(batch.views, batch.labels, copy.deepcopy(batch.rng))
+            losses.append(optimizer_step(p, aug.x, aug.targets, batch, aug.mix).detached())
+        runs.append((losses, train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=True)))
+    (eager, eager_state), (compiled_losses, compiled_state) = runs
+    for step, (ours, theirs) in enumerate(zip(compiled_losses, eager, strict=True)):
+        assert ours == pytest.approx(theirs, rel=1e-5), step
+    assert eager[2]["loss"] < eager[0]["loss"]
+    assert list(compiled_state.model) == list(eager_state.model) and "cls_token" in compiled_state.model
+    for name, tensor in eager_state.model.items():
+        assert torch.allclose(compiled_state.model[name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+@dali
+@pytest.mark.slow
+def test_two_workers_train_a_compiled_student_as_the_eager_run(reference: Ran, tmp_path: Path, digits: str,
+                                                                teacher_file: str) -> None:
+    """runtime.compile=true through Ray Train: DDP around a torch.compile'd student (aot_eager backend,
+    see above) trains the reference's run: the same losses at every logged step, and checkpoints of the
+    bare model."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from trainer.run import run
+
+    config = apply_overrides(_config(digits, teacher_file), ["runtime.compile=true",
+                                                             "runtime.compile_backend=aot_eager"])
+    result = run(config, storage_path=str(tmp_path / "storage"), name="compiled",
+                 options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1))
+    ours = [(h["step"], h["loss"]) for h in result.return_value["history"]]
+    theirs = [(h["step"], h["loss"]) for h in reference.result.return_value["history"]]
+    assert [s for s, _ in ours] == [s for s, _ in theirs] and len(ours) == STEPS // 2
+    for (step, loss), (_, expected) in zip(ours, theirs, strict=True):
+        assert loss == pytest.approx(expected, rel=1e-4), step
+    state = load_checkpoint(latest_checkpoint(tmp_path / "storage" / "compiled")).model
+    assert state.keys() == load_checkpoint(latest_checkpoint(reference.run_dir)).model.keys()

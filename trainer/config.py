@@ -308,6 +308,9 @@ class RuntimeConfig:
 
     bf16: bool = True  # autocast to bfloat16 (the loss runs in fp32, see trainer/losses.py)
     compile: bool = False  # torch.compile the student
+    # torch.compile's backend: "inductor" (generated kernels); "aot_eager" traces and runs the same graph
+    # without code generation (the tests' CPU check of the compiled path); "cudagraphs", ...
+    compile_backend: str = "inductor"
     channels_last: bool = False  # NHWC memory format (helps convnets such as the teacher, not ViTs)
     seed: int = 0
 

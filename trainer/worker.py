@@ -596,7 +596,7 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     bare = _student(config, restored.model if restored is not None else None)
     model = ray.train.torch.prepare_model(bare, move_to_device=device)
     if config.runtime.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=config.runtime.compile_backend)
     data_device = "cpu" if device.type == "cpu" else str(device)
     exact = config.scaling.min_workers == 0
     state = None
@@ -664,7 +664,7 @@ def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | 
     benchmark and tests build the same step and evaluation as a worker does."""
     model = _student(config).to(device)
     if compile_model:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=config.runtime.compile_backend)
     schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
     optimizer = build_optimizer(model, config, schedule.peak, device)
     return Parts(config, RunOptions(), 0, 1, device, model, optimizer, schedule, build_ema(model, config), teacher,
