@@ -62,6 +62,7 @@ class WholeImages:
         self._feed: deque[list[np.ndarray]] = deque()
         self._pipe: Any = None
         self._ended = False  # the last pass ran to its end (its source said so): reset() starts the next
+        self.builds = 0  # graphs built (one, unless a pass was cut short)
 
     def _next(self) -> list[np.ndarray]:
         if not self._feed:
@@ -72,17 +73,24 @@ class WholeImages:
         """The resized images of each chunk of encoded images, in order (DALI TensorLists)."""
         if not chunks:
             return
-        if self._pipe is not None and self._ended:
-            self._pipe.reset()
-        else:  # the first pass, or one cut short by an error: a graph of its own
+        if self._pipe is not None and self._ended and self._pipe.empty():
+            self._pipe.reset()  # the source said StopIteration in the last run() (DALI calls it in run())
+        else:  # the first pass, or one cut short by an error (a reset would replay its prefetched batches)
             self._pipe = whole_image_graph(self._next, *self._args)
             self._pipe.build()
+            self.builds += 1
         self._ended = False
         self._feed.clear()
         self._feed.extend(chunks)
-        for _ in chunks:
-            yield self._pipe.run()[0]
-        self._ended = True
+        for i in range(len(chunks)):
+            out = self._pipe.run()[0]
+            self._ended = i == len(chunks) - 1
+            yield out
+
+
+def _dali_device(teacher: Teacher) -> int | None:
+    """DALI's device_id for decoding next to ``teacher``: its GPU, None (CPU operators) on a CPU."""
+    return (teacher.device.index or 0) if teacher.device.type == "cuda" else None
 
 
 def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuildConfig,
@@ -97,8 +105,7 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
     readable = [r for r in rows if r in found]
     chunks = [readable[i:i + cfg.batch_size] for i in range(0, len(readable), cfg.batch_size)]
     if decode is None:
-        decode = WholeImages(cfg.batch_size, teacher.spec.resolution, 0 if teacher.device.type == "cuda" else None,
-                             cfg.dali_threads)
+        decode = WholeImages(cfg.batch_size, teacher.spec.resolution, _dali_device(teacher), cfg.dali_threads)
     encoded = [[np.frombuffer(found[r].data, dtype=np.uint8) for r in chunk] for chunk in chunks]
     pieces: dict[int, EncodedMaps] = {}
 
@@ -136,8 +143,8 @@ class CacheWorker:
         self.cfg = cfg
         self.shards = ShardSet.open(cfg.shards, cfg.split)
         self.teacher = Teacher(cfg.teacher, device)
-        device_id = 0 if self.teacher.device.type == "cuda" else None
-        self.decode = WholeImages(cfg.batch_size, cfg.teacher.resolution, device_id, cfg.dali_threads)
+        self.decode = WholeImages(cfg.batch_size, cfg.teacher.resolution, _dali_device(self.teacher),
+                                  cfg.dali_threads)
 
     def identity(self) -> dict[str, Any]:
         return self.teacher.identity

@@ -105,8 +105,10 @@ def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
     rows = _Rows(deadline=time.monotonic() + 60)
     rows.add("model only", "broken", lambda: 1 / 0)
     rows.add("model only", "fine", lambda: GpuRow("model only", "fine", 10.0))
+    rows.run()
     late = _Rows(deadline=time.monotonic() - 1)
     late.add("peers", "late", lambda: GpuRow("peers", "late", 1.0))
+    late.run()
     from trainer.bench_gpu import DALI_STOCK_RA, table
 
     tabled = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: table("partial", so_far))
@@ -114,12 +116,14 @@ def test_a_failing_row_is_reported_and_the_rest_still_run() -> None:
                lambda: GpuRow("batch augmentation", "RandAugment alone, chunk default", 5.0))
     tabled.add("batch augmentation", DALI_STOCK_RA, lambda: 1 / 0)  # a failed baseline: no ratio, no crash
     tabled.add("model only", "after", lambda: GpuRow("model only", "after", 1.0))
+    tabled.run()
     assert [r.name for r in tabled.rows][-1] == "after" and "failed" in tabled.rows[1].note
     assert "RandAugment: ours" not in table("t", tabled.rows)
     seen: list[int] = []
     short = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: seen.append(len(so_far)))
     short.add("model only", "a compile", lambda: GpuRow("model only", "a compile", 1.0), min_seconds=120)
     short.add("model only", "quick", lambda: GpuRow("model only", "quick", 1.0))
+    short.run()
     assert "not run" in short.rows[0].note and short.rows[1].views_per_s == 1.0 and seen == [1, 2]
     assert [r.name for r in rows.rows] == ["broken", "fine"] and rows.rows[1].views_per_s == 10.0
     assert rows.rows[0].views_per_s is None and rows.rows[0].note.startswith("failed: ZeroDivisionError")
@@ -137,3 +141,30 @@ def test_the_pipeline_rows_through_the_local_s3_store() -> None:
         assert re.search(rf"^\| full pipeline \| deit_s_distill, cache teacher, x{repeats}, S3 \| [\d,]+ \| [\d.]+% \|",
                          proc.stdout, re.M), proc.stdout
     assert "shards (S3 (moto on 127.0.0.1))" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_rows_run_by_priority_and_print_in_table_order() -> None:
+    """What the goals need runs first (a run cut short by --max-seconds loses the rest); the table keeps
+    its sections' order, and a partial table shows the rows measured so far in that order."""
+    import time
+
+    from trainer.bench_gpu import FIRST, GOAL, LAST, _Rows
+
+    ran: list[str] = []
+    partials: list[list[str]] = []
+
+    def row(name: str):
+        def measure() -> GpuRow:
+            ran.append(name)
+            return GpuRow("s", name, 1.0)
+        return measure
+
+    rows = _Rows(deadline=time.monotonic() + 30, on_row=lambda so_far: partials.append([r.name for r in so_far]))
+    rows.add("s", "spare", row("spare"), priority=LAST)
+    rows.add("s", "goal", row("goal"), priority=GOAL)
+    rows.add("s", "build", row("build"), priority=FIRST)
+    rows.add("s", "compile", row("compile"), priority=GOAL, min_seconds=1e9)  # never fits: "not run"
+    assert [r.name for r in rows.run()] == ["spare", "goal", "build", "compile"]
+    assert ran == ["build", "goal", "spare"] and "not run" in rows.rows[3].note
+    assert partials == [["build"], ["goal", "build"], ["goal", "build", "compile"],
+                        ["spare", "goal", "build", "compile"]]

@@ -232,3 +232,9 @@ def test_one_decoding_graph_serves_every_shard_of_a_worker(digits) -> None:
         assert keys == fresh_keys and len(keys) == int(shards.counts[shard])
         for got, want in ((maps.indices, fresh.indices), (maps.values, fresh.values), (maps.floor, fresh.floor)):
             assert np.array_equal(got, want), shard
+    assert shared.builds == 1  # reset from pass to pass, never built again
+    broken = iter(shared([[np.frombuffer(b"not a jpeg", dtype=np.uint8)]]))
+    with pytest.raises(Exception, match="(?i)decode|jpeg|image"):
+        next(broken)
+    keys, maps, _ = encode_shard(shards, order[1], teacher, cfg, shared)  # after a pass cut short: a new graph
+    assert shared.builds == 2 and np.array_equal(maps.indices, encode_shard(shards, order[1], teacher, cfg)[1].indices)

@@ -171,34 +171,56 @@ def _step_flops(p, batch) -> float:
 # ---------------------------------------------------------------------------------------------- sections
 
 
+# The order rows run in (lowest first; the table keeps section order): what the goals and their
+# baselines need first, so that a run cut short by --max-seconds loses the rows no goal depends on.
+FIRST, GOAL, DALI, COMPILED, MORE, LAST = range(6)
+
+
 class _Rows:
-    """The table as it is measured: a row that raises is kept as "failed: ..." and the next one runs (a
-    lent GPU's minutes are few: one broken row must not cost the rest); past the deadline rows are
-    "not run". Each row is logged as it completes, so a run cut short still says what it measured."""
+    """The table: rows are added in table order with a priority and measured by :meth:`run` in priority
+    order (then table order). A row that raises is kept as "failed: ..." and the next one runs (a lent
+    GPU's minutes are few: one broken row must not cost the rest); past the deadline rows are "not run".
+    Each row is logged as it completes, so a run cut short still says what it measured."""
 
     def __init__(self, deadline: float, on_row: Callable[[list[GpuRow]], None] | None = None) -> None:
-        self.rows: list[GpuRow] = []
         self.deadline = deadline
-        self.on_row = on_row  # called with the rows so far after each one (a partial table on disk)
+        self.on_row = on_row  # called with the rows measured so far (table order) after each one
+        self._queued: list[tuple[int, str, str, Callable[[], GpuRow], float]] = []
+        self._done: dict[int, GpuRow] = {}
 
-    def add(self, section: str, name: str, measure, min_seconds: float = 0.0) -> GpuRow | None:
+    @property
+    def rows(self) -> list[GpuRow]:
+        """The rows measured so far, in table order."""
+        return [self._done[i] for i in sorted(self._done)]
+
+    def add(self, section: str, name: str, measure: Callable[[], GpuRow], min_seconds: float = 0.0,
+            priority: int = MORE) -> None:
         """``min_seconds``: the least time the row needs (a compile); it is not started with less left."""
+        self._queued.append((priority, section, name, measure, min_seconds))
+
+    def run(self) -> list[GpuRow]:
+        """Measure every queued row (the rows a measurement queues run in this call too); the table."""
+        while len(self._done) < len(self._queued):
+            i = min((i for i in range(len(self._queued)) if i not in self._done), key=lambda i: self._queued[i][0])
+            _, section, name, measure, min_seconds = self._queued[i]
+            self._done[i] = self._measure(section, name, measure, min_seconds)
+            if self.on_row is not None:
+                try:
+                    self.on_row(self.rows)
+                except Exception:  # noqa: BLE001 - the partial table is a convenience; the rows go on
+                    log.exception("bench_gpu: writing the partial table failed")
+        return self.rows
+
+    def _measure(self, section: str, name: str, measure: Callable[[], GpuRow], min_seconds: float) -> GpuRow:
         if time.monotonic() + min_seconds > self.deadline:
-            row = GpuRow(section, name, None, note="not run: --max-seconds reached")
-        else:
-            started = time.monotonic()
-            try:
-                row = measure()
-            except Exception as exc:  # noqa: BLE001 - reported in the table, the suite goes on
-                log.exception("bench_gpu: %s / %s failed", section, name)
-                row = GpuRow(section, name, None, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-            log.info("bench_gpu row (%.0f s): %s", time.monotonic() - started, row)
-        self.rows.append(row)
-        if self.on_row is not None:
-            try:
-                self.on_row(self.rows)
-            except Exception:  # noqa: BLE001 - the partial table is a convenience; the rows go on
-                log.exception("bench_gpu: writing the partial table failed")
+            return GpuRow(section, name, None, note="not run: --max-seconds reached")
+        started = time.monotonic()
+        try:
+            row = measure()
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the suite goes on
+            log.exception("bench_gpu: %s / %s failed", section, name)
+            row = GpuRow(section, name, None, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+        log.info("bench_gpu row (%.0f s): %s", time.monotonic() - started, row)
         return row
 
 
@@ -220,8 +242,12 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
                       f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)")
 
     for name in (m for m in s.models if not compiled or m in s.compiled):
+        if compiled:  # the CaiT goal is compiled / eager
+            priority = COMPILED if name.startswith("cait") else LAST
+        else:  # the baselines of the goals' ratios
+            priority = GOAL if name in s.pipeline_models or name.startswith("cait") or name == "deit_s" else MORE
         rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled),
-                 min_seconds=COMPILE_SECONDS if compiled else 0.0)
+                 min_seconds=COMPILE_SECONDS if compiled else 0.0, priority=priority)
 
 
 def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False):
@@ -292,7 +318,8 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
                       f"({spent['wait_s']:.2f} s in all waiting for a write still running)")
 
     for background in (False, True):
-        rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b))
+        rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b),
+                 priority=LAST)
 
 
 def _pipeline_parts(s: Settings, device: torch.device, base: TrainConfig, weights: str, cache: str, source: str,
@@ -314,8 +341,10 @@ def _pipeline_parts(s: Settings, device: torch.device, base: TrainConfig, weight
                        compile_model=compile_model), loader
 
 
-def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows) -> dict[str, tuple]:
-    """The full-pipeline and peers rows; returns each model's (recipe, teacher weights, cache)."""
+def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows,
+              stack: contextlib.ExitStack) -> dict[str, tuple]:
+    """The full-pipeline and peers rows; returns each model's (recipe, () -> (teacher weights, cache)), the
+    second known once its build row has run. ``stack`` keeps the S3 store open until the suite ends."""
     from pipeline.storage import Location
     from pipeline.stream import ShardSet
 
@@ -352,24 +381,24 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                                    f"{CacheBuildConfig.batch_size}: DALI decode -> bf16 forward -> top-k maps -> "
                                    f"parquet")
 
-            rows.add("teacher", f"{label} cache build", build)
+            rows.add("teacher", f"{label} cache build", build, priority=FIRST)  # the cache rows read it
             rows.add("teacher", f"{label} bf16 inference alone",
                      lambda b=base, k=key, label=label: _teacher_inference(s, device, b, teachers[k][0], label))
-        weights, cache = teachers[key]
-        built[name] = (base, weights, cache)
+        built[name] = (base, key)
         for source in ("cache", "online"):
             for repeats in (3, 1):
                 rows.add("full pipeline", f"{name}, {source} teacher, x{repeats}",
-                         lambda b=base, n=name, w=weights, c=cache, src=source, k=repeats: measure(b, n, w, c, src, k))
+                         lambda b=base, n=name, k=key, src=source, r=repeats: measure(b, n, *teachers[k], src, r),
+                         priority=GOAL if (source, repeats) == ("cache", 3) else MORE)
         rows.add("peers", f"{name}, online teacher, timm+PIL",
-                 lambda b=base, n=name, w=weights: _peers(s, device, b, w, shards, n))
+                 lambda b=base, n=name, k=key: _peers(s, device, b, teachers[k][0], shards, n), priority=GOAL)
         if name == s.pipeline_models[0] and s.s3:
-            with _object_store(root, shards) as s3_shards:
-                for repeats in (3, 1):
-                    rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
-                             lambda b=base, n=name, w=weights, c=cache, k=repeats:
-                             measure(b, n, w, c, "cache", k, s3_shards, "S3 (moto on 127.0.0.1)"))
-    return built
+            s3_shards = stack.enter_context(_object_store(root, shards))  # open until the suite ends
+            for repeats in (3, 1):
+                rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
+                         lambda b=base, n=name, k=key, r=repeats, w=s3_shards:
+                         measure(b, n, *teachers[k], "cache", r, w, "S3 (moto on 127.0.0.1)"))
+    return {name: (base, lambda k=key: teachers[k]) for name, (base, key) in built.items()}
 
 
 def _pipeline_compiled(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple],
@@ -382,11 +411,11 @@ def _pipeline_compiled(s: Settings, device: torch.device, shards_url: str, built
     if not built:
         return
     name = next(iter(built))
-    base, weights, cache = built[name]
+    base, teacher = built[name]
     label = f"{name}, cache teacher, x3, compiled"
 
     def measure() -> GpuRow:
-        p, loader = _pipeline_parts(s, device, base, weights, cache, "cache", 3,
+        p, loader = _pipeline_parts(s, device, base, *teacher(), "cache", 3,
                                     ShardSet.open(Location(shards_url), "train"), compile_model=True)
         rate, wait, mem = _time(p, iter(loader), s)
         del p, loader
@@ -394,7 +423,7 @@ def _pipeline_compiled(s: Settings, device: torch.device, shards_url: str, built
         return GpuRow("full pipeline", label, rate, wait, None, mem,
                       "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> compiled step")
 
-    rows.add("full pipeline", label, measure, min_seconds=COMPILE_SECONDS)
+    rows.add("full pipeline", label, measure, min_seconds=COMPILE_SECONDS, priority=COMPILED)
 
 
 PROFILED_STEPS = 5
@@ -413,11 +442,11 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
     if not built:
         return
     name = next(iter(built))
-    base, weights, cache = built[name]
+    base, teacher = built[name]
     label = f"{name}, cache teacher, x3, profiled"
 
     def measure() -> GpuRow:
-        p, loader = _pipeline_parts(s, device, base, weights, cache, "cache", 3,
+        p, loader = _pipeline_parts(s, device, base, *teacher(), "cache", 3,
                                     ShardSet.open(Location(shards_url), "train"))
         batches, timer = iter(loader), _Timer()
         for _ in range(s.warmup):
@@ -468,7 +497,7 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
         return GpuRow("profile", label, m["views"] / m["step_s"], m["wait_s"] / m["step_s"], None, None,
                       f"{where} ms per step: {per_step}; top: {top}")
 
-    rows.add("profile", label, measure, min_seconds=30.0)
+    rows.add("profile", label, measure, min_seconds=30.0, priority=LAST)
 
 
 @contextlib.contextmanager
@@ -608,11 +637,13 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
     for label, repeats, augment in (("decode + RRC", 1, False), ("decode + RRC + batch augmentation", 1, True),
                                     ("decode once -> 3 RRC views", 3, False),
                                     ("decode once -> 3 views + batch augmentation", 3, True)):
-        rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g))
+        rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g), priority=DALI)
     for chunk in (None, 1 << 22, 1 << 30):  # the default chunk of images per kernel, 4x it, the whole batch
         label = f"RandAugment alone, chunk {'default' if chunk is None else f'{chunk >> 20} Mpx'}"
-        rows.add("batch augmentation", label, lambda c=chunk, a=label: _rand_augment_alone(s, device, c, a))
-    rows.add("batch augmentation", DALI_STOCK_RA, lambda: _dali_stock_rand_augment(s, device, DALI_STOCK_RA))
+        rows.add("batch augmentation", label, lambda c=chunk, a=label: _rand_augment_alone(s, device, c, a),
+                 priority=DALI if chunk is None else LAST)
+    rows.add("batch augmentation", DALI_STOCK_RA, lambda: _dali_stock_rand_augment(s, device, DALI_STOCK_RA),
+             priority=DALI)
 
 
 def _random_views(s: Settings, device: torch.device) -> torch.Tensor:
@@ -693,19 +724,21 @@ def run_suite(s: Settings, partial: str | None = None, profile: str | None = Non
             _write_atomic(partial, table(_title(s, name, origin) + " (partial: the run was still going)", rows_so_far))
 
     rows = _Rows(time.monotonic() + s.max_seconds, save)
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         flops: dict[str, float] = {}
-        _model_only(s, device, peak, rows, compiled=False, flops=flops)
         classes = _recipe(s.pipeline_models[0], s).model.num_classes if s.pipeline_models else 1000
         shards_url, origin = synthetic_shards(root / "data", s.images, classes, s.size)
-        built = _pipeline(s, device, root, shards_url, rows)
+        # table order; rows.run() measures them by priority (FIRST ... LAST)
+        _model_only(s, device, peak, rows, compiled=False, flops=flops)
+        built = _pipeline(s, device, root, shards_url, rows, stack)
         _dali_alone(s, device, shards_url, rows)
-        if s.compiled:  # the goal's best configuration before the other compiled rows
+        if s.compiled:
             _pipeline_compiled(s, device, shards_url, built, rows)
         _model_only(s, device, peak, rows, compiled=True, flops=flops)  # compiling costs ~1 min a model
-        _checkpoints(s, device, root, rows)  # no goal depends on these two
+        _checkpoints(s, device, root, rows)
         _profile(s, device, shards_url, built, rows, profile)
+        rows.run()
     return _title(s, name, origin), rows.rows
 
 
