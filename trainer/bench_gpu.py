@@ -401,22 +401,30 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
     return {name: (base, lambda k=key: teachers[k]) for name, (base, key) in built.items()}
 
 
+def _first_cached_x3(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple],
+                     compile_model: bool = False):
+    """(name, () -> (parts, loader)) of the first pipeline model's full pipeline with the cached teacher at
+    x3 (the goal's row), built when called (its cache exists once the build row has run)."""
+    from pipeline.storage import Location
+    from pipeline.stream import ShardSet
+
+    name = next(iter(built))
+    base, teacher = built[name]
+    return name, lambda: _pipeline_parts(s, device, base, *teacher(), "cache", 3,
+                                         ShardSet.open(Location(shards_url), "train"), compile_model=compile_model)
+
+
 def _pipeline_compiled(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple],
                        rows: _Rows) -> None:
     """The first pipeline model's full pipeline (cached teacher, x3) with the student torch.compile'd
     (``runtime.compile=true``): the trainer's fastest configuration, for the goal."""
-    from pipeline.storage import Location
-    from pipeline.stream import ShardSet
-
     if not built:
         return
-    name = next(iter(built))
-    base, teacher = built[name]
+    name, parts = _first_cached_x3(s, device, shards_url, built, compile_model=True)
     label = f"{name}, cache teacher, x3, compiled"
 
     def measure() -> GpuRow:
-        p, loader = _pipeline_parts(s, device, base, *teacher(), "cache", 3,
-                                    ShardSet.open(Location(shards_url), "train"), compile_model=True)
+        p, loader = parts()
         rate, wait, mem = _time(p, iter(loader), s)
         del p, loader
         _free(device)
@@ -435,19 +443,15 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
     ``PROFILED_STEPS`` steps under torch.profiler after the warm-up; the row's note gives each phase's
     device time per step (the trainer's ``distillery.<phase>`` ranges) and the top kernels; ``out``: the
     profiler's whole table is written there."""
-    from pipeline.storage import Location
-    from pipeline.stream import ShardSet
     from trainer.worker import PHASES, _Timer, train_step
 
     if not built:
         return
-    name = next(iter(built))
-    base, teacher = built[name]
+    name, parts = _first_cached_x3(s, device, shards_url, built)
     label = f"{name}, cache teacher, x3, profiled"
 
     def measure() -> GpuRow:
-        p, loader = _pipeline_parts(s, device, base, *teacher(), "cache", 3,
-                                    ShardSet.open(Location(shards_url), "train"))
+        p, loader = parts()
         batches, timer = iter(loader), _Timer()
         for _ in range(s.warmup):
             train_step(p, next(batches))
