@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import AugmentConfig, MixConfig
 from pipeline.layout import image_major, is_channels_last
+from pipeline.transfer import to_device
 
 # timm's RandomErasing defaults (timm/data/random_erasing.py), which DeiT uses
 ERASE_MIN_AREA, ERASE_MAX_AREA, ERASE_MIN_ASPECT, ERASE_ATTEMPTS = 0.02, 1 / 3, 0.3, 10
@@ -38,8 +39,8 @@ def normalize(views: torch.Tensor, cfg: AugmentConfig, dtype: torch.dtype = torc
     memory (channels_last, as DALI hands views over) the per-channel constants are laid out as one image
     row ``[W * 3]`` so that the broadcast runs along long contiguous rows: broadcasting a size-3 innermost
     dim is ~4x slower on a CPU."""
-    mean = torch.tensor(cfg.mean, device=views.device, dtype=torch.float32) * 255.0
-    inv_std = 1.0 / (torch.tensor(cfg.std, device=views.device, dtype=torch.float32) * 255.0)
+    mean = to_device(cfg.mean, views.device, torch.float32) * 255.0
+    inv_std = 1.0 / (to_device(cfg.std, views.device, torch.float32) * 255.0)
     n, c, h, w = views.shape
     if is_channels_last(views):
         out = views.permute(0, 2, 3, 1).to(torch.float32)  # contiguous NHWC
@@ -91,7 +92,7 @@ def random_erase(x: torch.Tensor, boxes: np.ndarray, per_box: bool | None = None
             x[i, :, top:top + h, left:left + w] = noise[offset:offset + c * h * w].view(c, h, w)
             offset += c * h * w
         return x
-    b = torch.as_tensor(boxes, device=x.device)
+    b = to_device(boxes, x.device)
     ys = torch.arange(height, device=x.device).view(1, height, 1)
     xs = torch.arange(width, device=x.device).view(1, 1, width)
     top, left, h, w = (b[:, i].view(n, 1, 1) for i in range(4))

@@ -113,9 +113,11 @@ def to_torch(batch, device: str):
     import torch
     from nvidia.dali.backend import TensorListGPU
 
+    from pipeline.transfer import to_device
+
     if not isinstance(batch, TensorListGPU):
         out = torch.from_numpy(np.array(batch.as_tensor()))
-        return out if device == "cpu" else out.to(device)
+        return out if device == "cpu" else to_device(out, device)
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     tensor = batch.as_tensor()

@@ -26,6 +26,7 @@ from pipeline.config import DataConfig
 from pipeline.dali_graph import eval_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
+from pipeline.transfer import to_device
 from pipeline.views import batch_rng, draw_views, reflect_outside, step_rng
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class TrainLoader:
             images = images.reshape(n * k, size, size, 3)
             labels = to_torch(labels, self.device).reshape(n).repeat_interleave(k)
             if meta.order is not None:
-                order = torch.from_numpy(meta.order).to(images.device)
+                order = to_device(meta.order, images.device)
                 rows_of = images.view(n * k, -1)  # whole views as rows: a row gather is ~3x faster than 4-D
                 images = rows_of.index_select(0, order).view(n * k, size, size, 3)
                 labels = labels.index_select(0, order)

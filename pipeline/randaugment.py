@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.layout import image_major, is_channels_last
+from pipeline.transfer import to_device
 
 __all__ = [
     "IMAGENET_FILL",
@@ -654,10 +655,7 @@ class RandAugment:
             position = np.empty(n, dtype=np.int64)
             position[order] = np.arange(n)
         plan[-1, :, 0] = position
-        host_plan = torch.from_numpy(plan)
-        if images.device.type == "cuda":  # pinned + non_blocking: no wait for the work already queued
-            host_plan = host_plan.pin_memory()
-        device_plan = host_plan.to(images.device, non_blocking=True)
+        device_plan = to_device(plan, images.device)  # no wait for the work already queued
 
         x = images
         chunk = _chunk_images(images.device, h, w, self.chunk_pixels)

@@ -30,6 +30,7 @@ import torch
 
 from pipeline.layout import is_channels_last
 from pipeline.randaugment import _brightness, _color, _contrast, _luma, _solarize
+from pipeline.transfer import to_device
 
 __all__ = ["BLUR_RADIUS", "ThreeAugment", "ThreeAugmentParams", "GRAYSCALE", "SOLARIZE", "BLUR", "box_blur_weights"]
 
@@ -98,10 +99,10 @@ def _gaussian_blur(x: torch.Tensor, radius: np.ndarray) -> torch.Tensor:
     out = torch.empty_like(x)
     for t in np.unique(taps):  # images with the same integer box radius run together
         rows = np.flatnonzero(taps == t)
-        index = torch.as_tensor(rows, device=x.device)
+        index = to_device(rows, x.device)
         y = x.index_select(0, index).to(torch.int64)
-        w_w = torch.as_tensor(ww[rows], device=x.device).view(-1, 1, 1, 1)
-        w_f = torch.as_tensor(fw[rows], device=x.device).view(-1, 1, 1, 1)
+        w_w = to_device(ww[rows], x.device).view(-1, 1, 1, 1)
+        w_f = to_device(fw[rows], x.device).view(-1, 1, 1, 1)
         for _ in range(BLUR_PASSES):  # along rows, then (Pillow transposes) along columns
             y = _box_pass(y, int(t), w_w, w_f)
         y = y.transpose(2, 3)
@@ -120,7 +121,7 @@ def _scalar_args(values: np.ndarray, device: torch.device) -> torch.Tensor:
     """`pipeline.randaugment`'s op arguments: float64 [k, 6], the scalar in slot 0."""
     args = np.zeros((len(values), 6))
     args[:, 0] = values
-    return torch.as_tensor(args, device=device)
+    return to_device(args, device)
 
 
 class ThreeAugment:
@@ -163,7 +164,7 @@ class ThreeAugment:
                 rows = np.flatnonzero(params.choice == kind)
                 if not len(rows):
                     continue
-                index = torch.as_tensor(rows, device=device)
+                index = to_device(rows, device)
                 part = x.index_select(0, index)
                 if kind == GRAYSCALE:
                     part = _grayscale(part)
@@ -179,7 +180,7 @@ class ThreeAugment:
                     rows = np.flatnonzero(params.jitter_order[:, position] == op)
                     if not len(rows):
                         continue
-                    index = torch.as_tensor(rows, device=device)
+                    index = to_device(rows, device)
                     args = _scalar_args(params.jitter_factor[rows, op], device)
                     x.index_copy_(0, index, fn(x.index_select(0, index), args))
         return x.contiguous(memory_format=torch.channels_last) if is_channels_last(images) else x

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.config import AugmentConfig
+from pipeline.transfer import to_device
 
 ATTEMPTS = 10
 
@@ -120,8 +121,8 @@ def reflect_outside(views: torch.Tensor, boxes: torch.Tensor, flips: torch.Tenso
         return views
     flipped = flips.cpu().bool()
     left, right = torch.where(flipped, right, left), torch.where(flipped, left, right)  # mirrored columns
-    rows = _reflect_index(top, bottom, size).to(views.device)
-    cols = _reflect_index(left, right, size).to(views.device)
+    rows = to_device(_reflect_index(top, bottom, size), views.device)
+    cols = to_device(_reflect_index(left, right, size), views.device)
     n = torch.arange(len(views), device=views.device)[:, None, None]
     return views[n, rows[:, :, None], cols[:, None, :]]
 
