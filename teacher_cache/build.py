@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from pipeline.progress import Progress
 from pipeline.storage import Location
 from pipeline.stream import PieceReader, ShardSet, StreamMetrics
 from teacher_cache.cache import CacheMismatch, check_identity, read_info, read_part_meta, write_info, write_part
-from teacher_cache.maps import EncodedMaps, encode_on_device, to_host
+from teacher_cache.maps import EncodedMaps, copy_to_host, encode_on_device
 from teacher_cache.teacher import Teacher, TeacherSpec, expected_identity
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
     encoded = [[np.frombuffer(found[r].data, dtype=np.uint8) for r in chunk] for chunk in chunks]
     pieces: dict[int, EncodedMaps] = {}
 
-    def keep(chunk: list[int], on_device: tuple) -> None:
-        maps = to_host(on_device)  # waits for this batch's teacher
+    def keep(chunk: list[int], copied: Callable[[], EncodedMaps]) -> None:
+        maps = copied()  # waits for this batch's teacher and copy only
         for i, row in enumerate(chunk):
             pieces[row] = EncodedMaps(maps.indices[i:i + 1], maps.values[i:i + 1], maps.floor[i:i + 1],
                                       maps.height, maps.width)
@@ -118,7 +118,7 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
     pending = None
     for chunk, resized in zip(chunks, decode(encoded), strict=True):
         images = to_torch(resized, str(teacher.device)).permute(0, 3, 1, 2)
-        queued = (chunk, encode_on_device(teacher.logit_map(normalize(images, cfg.augment)), cfg.topk))
+        queued = (chunk, copy_to_host(encode_on_device(teacher.logit_map(normalize(images, cfg.augment)), cfg.topk)))
         if pending is not None:  # on a GPU this batch's teacher runs while the last one's maps come back
             keep(*pending)
         pending = queued

@@ -13,6 +13,7 @@ taken to be its output on the crop. A Mixup/CutMix of views a and b is scored la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,27 @@ def encode_on_device(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 
 def to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]) -> EncodedMaps:
-    indices, values, floor, height, width = encoded
-    return EncodedMaps(indices.cpu().numpy(), values.cpu().numpy(), floor.cpu().numpy(), height, width)
+    return copy_to_host(encoded)()
+
+
+def copy_to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]) -> Callable[[], EncodedMaps]:
+    """Start the copy of :func:`encode_on_device`'s tensors to the host; the returned function waits for
+    it and gives the maps. On a GPU: non-blocking copies into pinned memory and an event, so the host
+    waits for this batch only, not for work queued after it (a blocking ``.cpu()`` would wait for all)."""
+    *tensors, height, width = encoded
+    if tensors[0].device.type != "cuda":
+        return lambda: EncodedMaps(*(t.numpy() for t in tensors), height, width)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, source in zip(host, tensors, strict=True):
+        target.copy_(source, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> EncodedMaps:
+        done.synchronize()
+        return EncodedMaps(*(t.numpy() for t in host), height, width)
+
+    return wait
 
 
 def box_weights(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

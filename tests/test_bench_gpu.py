@@ -55,6 +55,10 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
                         r"top: \S+ \d+%", table, re.M)
     assert profile and float(profile[3]) > 0 and float(profile[4]) > 0, "the step's phases are not in the profile"
     assert "distillery.student" in Path(f"{out}.profile.txt").read_text()  # the profiler's whole table
+    for row in ("resnet10t@32 cache build, whole job", "resnet10t@32 cache build", "resnet10t@32 bf16 inference alone"):
+        assert re.search(rf"^\| teacher \| {re.escape(row)} \| [\d,]+ \|", table, re.M), row
+    assert re.search(r"^\| resnet10t@32 cache build / its bf16 inference alone \(issue 4\) \| [\d.]+ \| 0\.90 \|",
+                     table, re.M)
     written = out.read_text()
     assert written.startswith("# Benchmarks\n") and "## `python -m trainer.bench_gpu` (" in written
     assert table.strip() in written

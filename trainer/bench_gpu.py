@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import io
@@ -264,7 +265,7 @@ def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bo
                                                                                                         device)
 
 
-CHECKPOINT_ROWS = {False: "checkpoints on the training thread", True: "checkpoints in the background"}
+GPU_CHECKPOINT_LABELS = {False: "checkpoints on the training thread", True: "checkpoints in the background"}
 
 
 def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> None:
@@ -296,6 +297,7 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
                 started = time.perf_counter()
                 spent["wait_s"] += writer.wait()
                 state = train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=background)
+                state = dataclasses.replace(state, step=p.step + 1)  # _time counts this step after the call
                 job = functools.partial(save_checkpoint, state, folder)
                 if background:
                     writer.submit(job)
@@ -311,14 +313,14 @@ def _checkpoints(s: Settings, device: torch.device, root: Path, rows: _Rows) -> 
         rate, wait, mem = _time(p, batches, s, step)
         writer.wait()
         size = max(sum(f.stat().st_size for f in d.iterdir()) for d in folder.iterdir() if d.name.startswith("step-"))
-        _free(device)
-        return GpuRow("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", rate, wait, None, mem,
+        _free(device)  # what this row's parts hold goes at the next row's
+        return GpuRow("checkpoints", f"{name}, {GPU_CHECKPOINT_LABELS[background]}", rate, wait, None, mem,
                       f"every {every} steps, {size / 1e6:.0f} MB each to local disk; {spent['written']} written, "
                       f"{spent['stall_s'] / max(spent['written'], 1):.3f} s each on the training thread "
                       f"({spent['wait_s']:.2f} s in all waiting for a write still running)")
 
     for background in (False, True):
-        rows.add("checkpoints", f"{name}, {CHECKPOINT_ROWS[background]}", lambda b=background: measure(b),
+        rows.add("checkpoints", f"{name}, {GPU_CHECKPOINT_LABELS[background]}", lambda b=background: measure(b),
                  priority=LAST)
 
 
@@ -376,14 +378,18 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
 
                 weights, cache, seconds = _random_teacher(b, shards_url, root / n)
                 teachers[k] = weights, cache
-                return GpuRow("teacher", f"{label} cache build", s.images / seconds,
+                return GpuRow("teacher", f"{label} cache build, whole job", s.images / seconds,
                               note=f"teacher-cache build --workers 0 over {s.images} images, batch "
-                                   f"{CacheBuildConfig.batch_size}: DALI decode -> bf16 forward -> top-k maps -> "
-                                   f"parquet")
+                                   f"{CacheBuildConfig.batch_size}, start-up included (teacher, DALI graph, "
+                                   f"CUDA): DALI decode -> bf16 logit maps -> top-k -> parquet")
 
-            rows.add("teacher", f"{label} cache build", build, priority=FIRST)  # the cache rows read it
+            rows.add("teacher", f"{label} cache build, whole job", build, priority=FIRST)  # the cache rows read it
+            rows.add("teacher", f"{label} cache build", lambda b=base, k=key, n=name, label=label:
+                     _cache_build_rate(s, device, b, teachers[k][0], shards_url, root / n / "rate", label),
+                     priority=GOAL)
             rows.add("teacher", f"{label} bf16 inference alone",
-                     lambda b=base, k=key, label=label: _teacher_inference(s, device, b, teachers[k][0], label))
+                     lambda b=base, k=key, label=label: _teacher_inference(s, device, b, teachers[k][0], label),
+                     priority=GOAL)
         built[name] = (base, key)
         for source in ("cache", "online"):
             for repeats in (3, 1):
@@ -479,11 +485,22 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
             value = getattr(event, f"{kind}device_time_total", None)  # torch >= 2.4; cuda_time_total before
             return float(value if value is not None else getattr(event, f"{kind}cuda_time_total"))
 
+        host = torch.autograd.DeviceType.CPU
+        ranges = [e for e in prof.events() if e.name.startswith("distillery.") and e.device_type == host]
         phases: dict[str, float] = {}
-        for e in prof.events():  # the host-side ranges (a GPU has device-side copies of them, not counted)
-            if e.name.startswith("distillery.") and e.device_type == torch.autograd.DeviceType.CPU:
-                phase = e.name.removeprefix("distillery.")
-                phases[phase] = phases.get(phase, 0.0) + spent(e)
+        for r in ranges:  # the host-side ranges (a GPU has device-side copies of them, not counted)
+            phase = r.name.removeprefix("distillery.")
+            phases[phase] = phases.get(phase, 0.0) + spent(r)
+        if cuda:  # a backward's kernels come from autograd's device thread, outside the range's own tree
+            threads = {r.thread for r in ranges}
+            for e in prof.events():
+                if e.device_type != host or e.cpu_parent is not None or e.thread in threads or not spent(e):
+                    continue
+                owner = next((r for r in ranges if r.time_range.start <= e.time_range.start <= r.time_range.end),
+                             None)
+                if owner is not None:
+                    phase = owner.name.removeprefix("distillery.")
+                    phases[phase] += spent(e)
         def leaf(event) -> bool:  # kernels on a GPU (an op's "self" device time repeats its kernels'); ops on a CPU
             if event.key.startswith("distillery."):
                 return False
@@ -538,9 +555,41 @@ def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[s
     return weights, cache, seconds
 
 
+def _cache_build_rate(s: Settings, device: torch.device, config: TrainConfig, weights: str, shards_url: str,
+                      out: Path, label: str) -> GpuRow:
+    """The cache build's steady rate: one ``teacher-cache build`` worker (as ``--workers 0`` runs it) over
+    every shard after a first one untimed (the teacher's and the DALI graph's start-up, cuDNN's choice of
+    kernels), writing its parts under ``out``."""
+    from pipeline.storage import Location
+    from teacher_cache.build import CacheBuildConfig, CacheWorker
+    from teacher_cache.teacher import TeacherSpec
+    from trainer.worker import _sync
+
+    t = config.distill.teacher
+    cfg = CacheBuildConfig(shards=Location(shards_url), out=Location(str(out)), augment=config.data.augment,
+                           teacher=TeacherSpec(t.name, weights, config.model.num_classes, t.img_size), workers=0)
+    worker = CacheWorker(cfg, device.type)
+    shards = sorted(worker.shards.shard_names)
+    meta = {"fingerprint": worker.shards.fingerprint, "teacher": t.name, "resolution": t.img_size,
+            "weights": weights, "k": cfg.topk}
+    worker.run(shards[0], meta)  # warm-up
+    timed = shards[1:] or shards  # one shard only: the same one again
+    _sync(device)
+    started = time.perf_counter()
+    images = sum(worker.run(shard, meta)["samples"] for shard in timed)
+    seconds = time.perf_counter() - started
+    del worker
+    _free(device)
+    return GpuRow("teacher", f"{label} cache build", images / seconds,
+                  note=f"one build worker, {len(timed)} shard{'s' if len(timed) > 1 else ''} after one of warm-up, "
+                       f"batch {cfg.batch_size}: DALI "
+                       f"decode -> bf16 logit maps -> top-k -> parquet")
+
+
 def _teacher_inference(s: Settings, device: torch.device, config: TrainConfig, weights: str, label: str) -> GpuRow:
-    """The teacher's forward alone (bf16 autocast and channels_last on a GPU, no gradients), as the cache
-    build runs it, on random normalised images at the build's batch: the baseline of the build's rate."""
+    """The teacher's plain forward alone (bf16 autocast and channels_last on a GPU, no gradients: issue 4's
+    "bf16 inference rate"; the build runs the same network up to its feature map, then the head at every
+    location and top-k) on random normalised images at the build's batch: the baseline of the build's rate."""
     from teacher_cache.build import CacheBuildConfig
     from teacher_cache.teacher import Teacher, TeacherSpec
     from trainer.worker import _sync
@@ -802,7 +851,7 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
             line(f"{name}: compiled / timm eager step", compiled.views_per_s / eager.views_per_s, 2.0)
     for name in {r.name.split(", ")[0] for r in rows if r.section == "checkpoints"}:
         model = by_name.get(name)
-        for background, label in CHECKPOINT_ROWS.items():
+        for background, label in GPU_CHECKPOINT_LABELS.items():
             row = by_name.get(f"{name}, {label}")
             if model is not None and row is not None:
                 line(f"{name}: {label} / none{' (checkpoint.background, the default)' if background else ''}",

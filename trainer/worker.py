@@ -89,7 +89,8 @@ class RunOptions:
 
     ``bench={"warmup": W, "steps": N, "data": "loader" | "synthetic", "teacher": bool, "checkpoint_every": K}``
     is ``trainer.bench``'s: run W + N steps (whatever the schedule's length) with no evaluation and no
-    checkpoint, and put the timing of the last N, summed over ranks, in the summary (``timing["bench"]``).
+    checkpoint unless ``checkpoint_every`` asks, and put the timing of the last N, summed over ranks, in the
+    summary (``timing["bench"]``).
     ``data="synthetic"`` trains on one random batch of this rank's shape kept on the device instead of the
     loader's; ``teacher=False`` swaps the teacher for constant logits (the same loss, no teacher forward);
     ``checkpoint_every=K`` (default 0: none) writes a checkpoint every K measured steps and counts its cost
