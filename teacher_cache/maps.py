@@ -68,7 +68,7 @@ def copy_to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, i
     for target, source in zip(host, tensors, strict=True):
         target.copy_(source, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(tensors[0].device))  # the stream the copies were queued on
 
     def wait() -> EncodedMaps:
         done.synchronize()
