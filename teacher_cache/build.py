@@ -57,6 +57,12 @@ class WholeImages:
     ImageNet build's hundreds of shards. Each shard is one pass of the graph (its source ends with the
     shard, and the graph is reset for the next)."""
 
+    @classmethod
+    def for_teacher(cls, teacher: Teacher, cfg: CacheBuildConfig) -> WholeImages:
+        """The graph a build worker feeds ``teacher`` with: its resolution, on its device."""
+        device_id = (teacher.device.index or 0) if teacher.device.type == "cuda" else None
+        return cls(cfg.batch_size, teacher.spec.resolution, device_id, cfg.dali_threads)
+
     def __init__(self, batch_size: int, resolution: int, device_id: int | None, threads: int) -> None:
         self._args = (batch_size, resolution, device_id, threads)
         self._feed: deque[list[np.ndarray]] = deque()
@@ -88,11 +94,6 @@ class WholeImages:
             yield out
 
 
-def _dali_device(teacher: Teacher) -> int | None:
-    """DALI's device_id for decoding next to ``teacher``: its GPU, None (CPU operators) on a CPU."""
-    return (teacher.device.index or 0) if teacher.device.type == "cuda" else None
-
-
 def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuildConfig,
                  decode: WholeImages | None = None) -> tuple[list[str], EncodedMaps, int]:
     """All images of one shard -> (keys in manifest order, encoded maps, unreadable count); ``decode``:
@@ -105,7 +106,7 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
     readable = [r for r in rows if r in found]
     chunks = [readable[i:i + cfg.batch_size] for i in range(0, len(readable), cfg.batch_size)]
     if decode is None:
-        decode = WholeImages(cfg.batch_size, teacher.spec.resolution, _dali_device(teacher), cfg.dali_threads)
+        decode = WholeImages.for_teacher(teacher, cfg)
     encoded = [[np.frombuffer(found[r].data, dtype=np.uint8) for r in chunk] for chunk in chunks]
     pieces: dict[int, EncodedMaps] = {}
 
@@ -143,8 +144,7 @@ class CacheWorker:
         self.cfg = cfg
         self.shards = ShardSet.open(cfg.shards, cfg.split)
         self.teacher = Teacher(cfg.teacher, device)
-        self.decode = WholeImages(cfg.batch_size, cfg.teacher.resolution, _dali_device(self.teacher),
-                                  cfg.dali_threads)
+        self.decode = WholeImages.for_teacher(self.teacher, cfg)
 
     def identity(self) -> dict[str, Any]:
         return self.teacher.identity

@@ -37,12 +37,12 @@ class EncodedMaps:
 
 def encode(maps: torch.Tensor, k: int) -> EncodedMaps:
     """[n, C, h, w] float logit maps -> top-k per location + floor."""
-    return to_host(encode_on_device(maps, k))
+    return copy_to_host(encode_on_device(maps, k))()
 
 
 def encode_on_device(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """:func:`encode` without the copy to host: (indices int16, values fp16, floor fp16, h, w) on the maps'
-    device, so that a build can queue the next batch before it waits for this one (:func:`to_host`)."""
+    device, so that a build can queue the next batch before it waits for this one (:func:`copy_to_host`)."""
     n, classes, height, width = maps.shape
     if classes > 32767:
         raise ValueError(f"{classes} classes do not fit int16 class indices")
@@ -51,10 +51,6 @@ def encode_on_device(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     rest = classes - values.shape[-1]
     floor = (flat.sum(-1) - values.sum(-1)) / rest if rest else values[..., -1]
     return indices.to(torch.int16), values.half(), floor.half(), height, width
-
-
-def to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]) -> EncodedMaps:
-    return copy_to_host(encoded)()
 
 
 def copy_to_host(encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]) -> Callable[[], EncodedMaps]:

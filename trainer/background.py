@@ -51,12 +51,11 @@ class Background:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, job: Callable[[], None]) -> float:
-        """Wait for the job before (see :meth:`wait`), then start ``job``; return the seconds waited."""
-        waited = self.wait()
+    def submit(self, job: Callable[[], None]) -> None:
+        """Wait for the job before (see :meth:`wait`), then start ``job``."""
+        self.wait()
         self._thread = threading.Thread(target=self._run, args=(job,), name=self.name, daemon=True)
         self._thread.start()
-        return waited
 
     def wait(self) -> float:
         """Join the running job, if any; re-raise its exception; return the seconds spent waiting."""

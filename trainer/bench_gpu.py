@@ -132,23 +132,28 @@ def _synthetic(config: TrainConfig, device: torch.device) -> Iterator:
     return synthetic_batches(config, device, images, torch.Generator().manual_seed(0))
 
 
-def _time(p, batches: Iterator, s: Settings, step=None) -> tuple[float, float, float | None]:
-    """(views/s, data-wait fraction, peak GiB) over ``s.steps`` steps after ``s.warmup``, as the trainer times."""
+def _time(p, batches: Iterator, s: Settings, step=None,
+          during: contextlib.AbstractContextManager | None = None) -> tuple[float, float, float | None]:
+    """(views/s, data-wait fraction, peak GiB) over ``s.steps`` steps after ``s.warmup``, as the trainer times;
+    ``during``: a context (a profiler) entered for the timed steps only."""
     from trainer.worker import _Timer, train_step
 
     step = step or (lambda batch: train_step(p, batch))
     timer = _Timer()
     cuda = p.device.type == "cuda"
-    for i in range(s.warmup + s.steps):
-        if i == s.warmup:
-            timer.measure(p.device)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(p.device)
-        batch = timer.wait(batches)
-        step(batch)
-        p.step += 1
-        timer.stepped(_views(batch))
-    timer.settle(p.device)
+    with contextlib.ExitStack() as timed:
+        for i in range(s.warmup + s.steps):
+            if i == s.warmup:
+                if during is not None:
+                    timed.enter_context(during)
+                timer.measure(p.device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(p.device)
+            batch = timer.wait(batches)
+            step(batch)
+            p.step += 1
+            timer.stepped(_views(batch))
+        timer.settle(p.device)
     m = timer.measured
     peak = torch.cuda.max_memory_allocated(p.device) / 2**30 if cuda else None
     return m["views"] / m["step_s"], m["wait_s"] / m["step_s"], peak
@@ -343,10 +348,22 @@ def _pipeline_parts(s: Settings, device: torch.device, base: TrainConfig, weight
                        compile_model=compile_model), loader
 
 
+def _pipeline_row(s: Settings, device: torch.device, base: TrainConfig, name: str, weights: str, cache: str,
+                  source: str, repeats: int, where, store: str = "local disk", compile_model: bool = False) -> GpuRow:
+    """One full-pipeline row (``compile_model``: the student torch.compile'd)."""
+    p, loader = _pipeline_parts(s, device, base, weights, cache, source, repeats, where, compile_model)
+    rate, wait, mem = _time(p, iter(loader), s)
+    del p, loader
+    _free(device)
+    suffix = ("" if store == "local disk" else ", S3") + (", compiled" if compile_model else "")
+    return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}{suffix}", rate, wait, None, mem,
+                  f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> {'compiled ' * compile_model}step")
+
+
 def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows,
               stack: contextlib.ExitStack) -> dict[str, tuple]:
-    """The full-pipeline and peers rows; returns each model's (recipe, () -> (teacher weights, cache)), the
-    second known once its build row has run. ``stack`` keeps the S3 store open until the suite ends."""
+    """The full-pipeline and peers rows; returns each model's (recipe, () -> (teacher weights, cache), shards),
+    the second known once its build row has run. ``stack`` keeps the S3 store open until the suite ends."""
     from pipeline.storage import Location
     from pipeline.stream import ShardSet
 
@@ -354,13 +371,7 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
 
     def measure(base: TrainConfig, name: str, weights: str, cache: str, source: str, repeats: int,
                 where: ShardSet = shards, store: str = "local disk") -> GpuRow:
-        p, loader = _pipeline_parts(s, device, base, weights, cache, source, repeats, where)
-        rate, wait, mem = _time(p, iter(loader), s)
-        del p, loader
-        _free(device)
-        suffix = "" if store == "local disk" else ", S3"
-        return GpuRow("full pipeline", f"{name}, {source} teacher, x{repeats}{suffix}", rate, wait, None, mem,
-                      f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> step")
+        return _pipeline_row(s, device, base, name, weights, cache, source, repeats, where, store)
 
     teachers: dict[tuple, tuple[str, str]] = {}  # one random teacher and cache per teacher identity
     built: dict[str, tuple] = {}
@@ -404,75 +415,44 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                 rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
                          lambda b=base, n=name, k=key, r=repeats, w=s3_shards:
                          measure(b, n, *teachers[k], "cache", r, w, "S3 (moto on 127.0.0.1)"))
-    return {name: (base, lambda k=key: teachers[k]) for name, (base, key) in built.items()}
+    return {name: (base, lambda k=key: teachers[k], shards) for name, (base, key) in built.items()}
 
 
-def _first_cached_x3(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple],
-                     compile_model: bool = False):
-    """(name, () -> (parts, loader)) of the first pipeline model's full pipeline with the cached teacher at
-    x3 (the goal's row), built when called (its cache exists once the build row has run)."""
-    from pipeline.storage import Location
-    from pipeline.stream import ShardSet
-
-    name = next(iter(built))
-    base, teacher = built[name]
-    return name, lambda: _pipeline_parts(s, device, base, *teacher(), "cache", 3,
-                                         ShardSet.open(Location(shards_url), "train"), compile_model=compile_model)
-
-
-def _pipeline_compiled(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple],
-                       rows: _Rows) -> None:
+def _pipeline_compiled(s: Settings, device: torch.device, built: dict[str, tuple], rows: _Rows) -> None:
     """The first pipeline model's full pipeline (cached teacher, x3) with the student torch.compile'd
     (``runtime.compile=true``): the trainer's fastest configuration, for the goal."""
     if not built:
         return
-    name, parts = _first_cached_x3(s, device, shards_url, built, compile_model=True)
-    label = f"{name}, cache teacher, x3, compiled"
-
-    def measure() -> GpuRow:
-        p, loader = parts()
-        rate, wait, mem = _time(p, iter(loader), s)
-        del p, loader
-        _free(device)
-        return GpuRow("full pipeline", label, rate, wait, None, mem,
-                      "shards (local disk) -> stream -> DALI -> batch aug -> teacher -> compiled step")
-
-    rows.add("full pipeline", label, measure, min_seconds=COMPILE_SECONDS, priority=COMPILED)
+    name = next(iter(built))
+    base, teacher, shards = built[name]
+    rows.add("full pipeline", f"{name}, cache teacher, x3, compiled",
+             lambda: _pipeline_row(s, device, base, name, *teacher(), "cache", 3, shards, compile_model=True),
+             min_seconds=COMPILE_SECONDS, priority=COMPILED)
 
 
 PROFILED_STEPS = 5
 
 
-def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str, tuple], rows: _Rows,
-             out: str | None) -> None:
+def _profile(s: Settings, device: torch.device, built: dict[str, tuple], rows: _Rows, out: str | None) -> None:
     """Where the step's time goes, for the first pipeline model's full pipeline (cached teacher, x3):
     ``PROFILED_STEPS`` steps under torch.profiler after the warm-up; the row's note gives each phase's
     device time per step (the trainer's ``distillery.<phase>`` ranges) and the top kernels; ``out``: the
     profiler's whole table is written there."""
-    from trainer.worker import PHASES, _Timer, train_step
+    from trainer.worker import PHASES
 
     if not built:
         return
-    name, parts = _first_cached_x3(s, device, shards_url, built)
+    name = next(iter(built))
+    base, teacher, shards = built[name]
     label = f"{name}, cache teacher, x3, profiled"
 
     def measure() -> GpuRow:
-        p, loader = parts()
-        batches, timer = iter(loader), _Timer()
-        for _ in range(s.warmup):
-            train_step(p, next(batches))
-            p.step += 1
+        p, loader = _pipeline_parts(s, device, base, *teacher(), "cache", 3, shards)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        timer.measure(device)
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(PROFILED_STEPS):
-                batch = timer.wait(batches)
-                train_step(p, batch)
-                p.step += 1
-                timer.stepped(_views(batch))
-            timer.settle(device)
+        prof = torch.profiler.profile(activities=activities)
+        rate, wait, _ = _time(p, iter(loader), replace(s, steps=PROFILED_STEPS), during=prof)
         del p, loader
         _free(device)
         events = prof.key_averages()
@@ -480,10 +460,7 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
 
         def spent(event, own: bool = False) -> float:  # microseconds on the device (the CPU without a GPU)
             kind = "self_" if own else ""
-            if not cuda:
-                return float(getattr(event, f"{kind}cpu_time_total"))
-            value = getattr(event, f"{kind}device_time_total", None)  # torch >= 2.4; cuda_time_total before
-            return float(value if value is not None else getattr(event, f"{kind}cuda_time_total"))
+            return float(getattr(event, f"{kind}{'device' if cuda else 'cpu'}_time_total"))
 
         host = torch.autograd.DeviceType.CPU
         ranges = [e for e in prof.events() if e.name.startswith("distillery.") and e.device_type == host]
@@ -511,11 +488,10 @@ def _profile(s: Settings, device: torch.device, shards_url: str, built: dict[str
         if out:
             sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
             _write_atomic(out, f"{label} ({PROFILED_STEPS} steps)\n\n" + events.table(sort_by=sort, row_limit=40))
-        m = timer.measured
         per_step = ", ".join(f"{phase} {phases.get(phase, 0.0) / PROFILED_STEPS / 1e3:.1f}" for phase in PHASES)
         top = ", ".join(f"{e.key[:40]} {spent(e, own=True) / total:.0%}" for e in kernels[:3])
         where = "device" if cuda else "CPU (no GPU)"
-        return GpuRow("profile", label, m["views"] / m["step_s"], m["wait_s"] / m["step_s"], None, None,
+        return GpuRow("profile", label, rate, wait, None, None,
                       f"{where} ms per step: {per_step}; top: {top}")
 
     rows.add("profile", label, measure, min_seconds=30.0, priority=LAST)
@@ -787,10 +763,10 @@ def run_suite(s: Settings, partial: str | None = None, profile: str | None = Non
         built = _pipeline(s, device, root, shards_url, rows, stack)
         _dali_alone(s, device, shards_url, rows)
         if s.compiled:
-            _pipeline_compiled(s, device, shards_url, built, rows)
+            _pipeline_compiled(s, device, built, rows)
         _model_only(s, device, peak, rows, compiled=True, flops=flops)  # compiling costs ~1 min a model
         _checkpoints(s, device, root, rows)
-        _profile(s, device, shards_url, built, rows, profile)
+        _profile(s, device, built, rows, profile)
         rows.run()
     return _title(s, name, origin), rows.rows
 

@@ -38,6 +38,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,9 +177,13 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes | Callable[[Any], None]) -> None:
+    """``data`` (bytes, or a function writing to the open file) to ``path``, flushed and fsynced."""
     with open(path, "wb") as handle:
-        handle.write(data)
+        if callable(data):
+            data(handle)
+        else:
+            handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -209,10 +214,7 @@ def save_checkpoint(state: TrainState, parent: str | os.PathLike[str], name: str
             tensors["optimizer"] = state.optimizer
         if state.ema is not None:
             tensors["ema"] = state.ema
-        with open(tmp / STATE_FILE, "wb") as handle:  # straight to the file: no second copy in memory
-            torch.save(tensors, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(tmp / STATE_FILE, lambda handle: torch.save(tensors, handle))  # no copy in memory
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -284,7 +286,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _local_copy(url: str, stack: contextlib.ExitStack) -> Path:
+def local_copy(url: str, stack: contextlib.ExitStack) -> Path:
     """A local directory with the checkpoint at ``url`` (downloaded to a temp dir when remote)."""
     if "://" not in url or url.startswith("file://"):
         return Path(url.removeprefix("file://"))
@@ -309,7 +311,7 @@ def load_checkpoint(path: str | os.PathLike[str], expect_fingerprint: str | None
     ``weights_only=True`` (no code runs while loading).
     """
     with contextlib.ExitStack() as stack:
-        local = _local_copy(str(path), stack)
+        local = local_copy(str(path), stack)
         meta = verify_checkpoint(local)
         if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
             raise CheckpointError(

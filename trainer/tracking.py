@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections import deque
@@ -388,18 +387,13 @@ class Tracker(NullTracker):
         """The final checkpoint's files under ``checkpoint/`` (fetched to a local folder first when ``path``
         is a URL), after the run has ended (MLflow takes artifacts of a finished run): one try, since the
         run is complete without it and it stays in the run's storage either way. True if it was logged."""
+        from trainer.checkpoint import local_copy
+
         if self.run_id is None:
             return False
         try:
-            if "://" not in path or path.startswith("file://"):
-                self._client.log_artifacts(self.run_id, path.removeprefix("file://"), "checkpoint")
-                return True
-            from pipeline.storage import Location
-
-            fs, remote = Location(path).fs_and_path()
-            with tempfile.TemporaryDirectory(prefix="distillery-final-checkpoint-") as tmp:
-                fs.get(remote.rstrip("/") + "/", tmp + "/", recursive=True)
-                self._client.log_artifacts(self.run_id, tmp, "checkpoint")
+            with contextlib.ExitStack() as stack:
+                self._client.log_artifacts(self.run_id, str(local_copy(path, stack)), "checkpoint")
             return True
         except Exception as exc:  # noqa: BLE001 - the run and its checkpoint are intact; say so and go on
             log.warning("could not log the final checkpoint %s to MLflow at %s (%s: %s); it stays in the run's "

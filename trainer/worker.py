@@ -199,12 +199,11 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
             checkpoint(p, {**p.last_eval} if evaluate_now else {})
             if not p.options.bench:  # a benchmark's checkpoints (bench["checkpoint_every"]) count as step time
                 timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
-    if p.options.bench:
-        waited = p.writer.wait()  # a benchmark charges the last write's rest to its steps
+    waited = p.writer.wait()  # the last checkpoint's write and report
+    if p.options.bench:  # a benchmark charges that wait to its steps
         _add(p.timing, "checkpoint_wait_s", waited)
         _add(p.timing, "checkpoint_stall_s", waited)
         p.timing["bench"] = _bench_timing(p, timer)
-    p.writer.wait()  # the last checkpoint's write and report
     p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
     return _finish(p)
 
