@@ -332,17 +332,8 @@ def load_checkpoint(path: str | os.PathLike[str], expect_fingerprint: str | None
 def latest_checkpoint(parent: str | os.PathLike[str]) -> Path | None:
     """The complete checkpoint with the highest step directly under ``parent`` (or ``parent`` itself if it
     is one); None when there is none. Hidden ``.tmp-*`` directories of interrupted writes are ignored."""
-    parent = Path(parent)
-    if (parent / CHECKSUM_FILE).is_file():
-        return parent
-    if not parent.is_dir():
-        return None
-    found = []
-    for child in parent.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / CHECKSUM_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    found = resolve_checkpoint(str(parent))
+    return Path(found) if found is not None else None
 
 
 def checkpoints_newest_first(parent: str) -> list[str]:
