@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--topk", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--teacher-steps", type=int, default=300)
-    bench.add_argument("--size", type=int, default=32, help="side of the generated digits and of the train views")
+    bench.add_argument("--data", choices=("digits", "mosaic"), default="digits",
+                       help="the generated set without --shards: digits, or mosaic (a small distractor digit of "
+                            "another class in each image: the crop changes the label)")
+    bench.add_argument("--size", type=int, help="side of the generated images and of the train views "
+                                                "(default 32 for digits, 64 for mosaic)")
     return parser
 
 
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         from teacher_cache.bench import bench
 
         print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
-                    args.steps, args.size))
+                    args.steps, args.size, data=args.data))
         return 0
     except (CacheMismatch, TeacherError, ValueError) as exc:
         log.error("%s", exc)

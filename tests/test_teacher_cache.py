@@ -196,20 +196,24 @@ def test_build_in_this_process_without_ray_writes_the_same_cache(digits, tmp_pat
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
 
 
-def test_bench_prints_agreement_by_crop_box_and_by_whole_image_and_step_rates() -> None:
+@pytest.mark.parametrize("data", ["digits", "mosaic"])
+def test_bench_prints_agreement_by_crop_box_whole_image_and_replay_and_step_rates(data: str) -> None:
     """`teacher-cache bench` at toy size. Its teacher at 32 px has a 1 x 1 map (stride 32), which cannot
-    tell crops apart: the crop-box and whole-image columns must then agree to the digit."""
+    tell crops apart: the crop-box and whole-image columns must then agree to the digit. A replayed crop is
+    the online teacher's own input when the views are only cropped and flipped: 100% there."""
     import re
 
     from teacher_cache.bench import bench
 
-    text = bench(teacher_steps=3, steps=2, size=16, resolution=32, batch=12)
+    text = bench(teacher_steps=3, steps=2, size=16, resolution=32, batch=12, data=data)
     assert "(map 1x1, top-5)" in text and re.search(r"storage: \d+ bytes/image in memory", text)
+    assert ("mosaic" in text.splitlines()[0]) == (data == "mosaic")
     for row in ("crops + flips only", "+ RandAugment, erasing", "+ Mixup/CutMix (DeiT)"):
-        match = re.search(rf"^{re.escape(row)}\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%$", text, re.M)
+        match = re.search(rf"^{re.escape(row)}" + r"\s+([\d.]+)%" * 5 + "$", text, re.M)
         assert match, row
-        box, whole, online_right, cache_right = map(float, match.groups())
-        assert box == whole and all(0 <= v <= 100 for v in (box, online_right, cache_right))
+        box, whole, replay, online_right, cache_right = map(float, match.groups())
+        assert box == whole and all(0 <= v <= 100 for v in (box, replay, online_right, cache_right))
+        assert replay == 100.0 or row != "crops + flips only", row
     for mode in ("none", "online", "cache"):
         assert re.search(rf"^{mode} teacher\s+\d+\s+[\d.]+$", text, re.M), mode
 
