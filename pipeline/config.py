@@ -35,6 +35,10 @@ class AugmentConfig:
     recount: int = 1
     eval_crop_pct: float = 0.875  # eval: resize shorter side to image_size / crop_pct, centre crop
     eval_interpolation: str = "bicubic"
+    # > 0: each view is one of this many crops fixed per image by (replay_seed, image), the crops a replay
+    # teacher cache (`teacher-cache build --views R --seed S`) holds the teacher's outputs for; 0: fresh crops
+    replay_views: int = 0
+    replay_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.crop not in ("rrc", "simple"):
@@ -47,6 +51,8 @@ class AugmentConfig:
             raise ValueError(f"augment.ratio={self.ratio}: need 0 < min <= max, e.g. (0.75, 1.333)")
         if not 0 < self.eval_crop_pct <= 1:
             raise ValueError(f"augment.eval_crop_pct={self.eval_crop_pct}: must be in (0, 1], e.g. 0.875")
+        if not 0 <= self.replay_views < 1 << 20:
+            raise ValueError(f"augment.replay_views={self.replay_views}: must be in [0, 2**20) (0: fresh crops)")
         for name in ("hflip", "reprob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment.{name}={getattr(self, name)}: must be a probability in [0, 1]")

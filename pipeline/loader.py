@@ -27,7 +27,7 @@ from pipeline.dali_graph import eval_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
 from pipeline.transfer import to_device
-from pipeline.views import batch_rng, draw_views, reflect_outside, step_rng
+from pipeline.views import Views, batch_rng, draw_views, reflect_outside, replayed_views, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Batch:
     step: int
     rng: np.random.Generator  # seeded by (seed, rank, step): for the batch-level augmentation
     rows: np.ndarray  # int64 [n*k]: the manifest row of each view's image (what a teacher cache is keyed by)
+    view_ids: np.ndarray | None = None  # int64 [n*k] with augment.replay_views: which of its image's crops
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class _Pending:
     boxes: np.ndarray
     flips: np.ndarray
     order: np.ndarray | None  # the step's view order (repeats > 1), applied to views and labels after DALI
+    view_ids: np.ndarray | None
 
 
 def plan_batch(global_views: int, world: int, repeats: int, exact: bool = True, even: bool = False) -> int:
@@ -111,6 +113,10 @@ class TrainLoader:
                  exact_batch: bool = True):
         self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
         self.repeats = data.stream.repeats
+        if 0 < data.augment.replay_views < self.repeats:
+            raise ValueError(f"augment.replay_views={data.augment.replay_views} is fewer than stream.repeats="
+                             f"{self.repeats}: an image's views in a step must be distinct crops; replay at least "
+                             f"{self.repeats} views per image (a larger `teacher-cache build --views`)")
         self.images_per_step = plan_batch(data.batch_size, world, self.repeats, exact_batch, data.mix.enabled)
         # one epoch = N views = N / k distinct images (DeiT: "100 epochs, each 3x longer" is called 300), in
         # steps of the views actually trained (1008 of 1024 on 8 GPUs at x3), so an epoch is N views, not 98%.
@@ -149,15 +155,26 @@ class TrainLoader:
             self._samples = iter(self.stream)
         samples = [next(self._samples) for _ in range(self.images_per_step)]
         rng = step_rng(self.data.stream.seed, self.rank, self._next_step)
-        views = draw_views(rng, np.array([s.width for s in samples]), np.array([s.height for s in samples]),
-                           self.repeats, self.data.augment)
+        widths, heights = np.array([s.width for s in samples]), np.array([s.height for s in samples])
         rows = np.repeat([s.row for s in samples], self.repeats)
+        view_ids = None
+        if self.data.augment.replay_views:  # k distinct crops of the image's fixed R
+            view_ids = np.argsort(rng.random((len(samples), self.data.augment.replay_views)), axis=1)[:, :self.repeats]
+            views = replayed_views(self.data.augment.replay_seed, rows, view_ids.reshape(-1),
+                                   np.repeat(widths, self.repeats), np.repeat(heights, self.repeats), self.data.augment)
+            views = Views(views.boxes.reshape(len(samples), self.repeats, 4),
+                          views.flips.reshape(len(samples), self.repeats))
+            view_ids = view_ids.reshape(-1)
+        else:
+            views = draw_views(rng, widths, heights, self.repeats, self.data.augment)
         keys = [s.key for s in samples for _ in range(self.repeats)]
         boxes, flips = views.boxes.reshape(-1, 4), views.flips.reshape(-1)
         order = rng.permutation(len(rows)) if self.repeats > 1 else None  # drawn after the views
         if order is not None:
             rows, keys, boxes, flips = rows[order], [keys[i] for i in order], boxes[order], flips[order]
-        self._pending.append(_Pending(self._next_step, self.stream.position, rows, keys, boxes, flips, order))
+            view_ids = None if view_ids is None else view_ids[order]
+        self._pending.append(_Pending(self._next_step, self.stream.position, rows, keys, boxes, flips, order,
+                                      view_ids))
         self._next_step += 1
         return ([np.frombuffer(s.data, dtype=np.uint8) for s in samples], list(views.boxes), list(views.flips),
                 [np.array(s.label, dtype=np.int64) for s in samples])
@@ -183,7 +200,7 @@ class TrainLoader:
             self.step = meta.step + 1
             self._state = {"stream": {**self.stream.state_dict(), "position": meta.position}, "step": self.step}
             yield Batch(images, labels, meta.keys, boxes, flips, meta.step,
-                        batch_rng(self.data.stream.seed, self.rank, meta.step), meta.rows)
+                        batch_rng(self.data.stream.seed, self.rank, meta.step), meta.rows, meta.view_ids)
 
 
 class EvalLoader:

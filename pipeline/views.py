@@ -5,6 +5,10 @@ timm's ``RandomResizedCrop.get_params`` (10 attempts at a random area and log-un
 a centre-crop fallback), every view knows its crop box and flip (what a crop-aware teacher cache needs),
 and the draw is seeded by (seed, rank, step), so a resumed run draws the same views.
 
+A replay cache (`teacher-cache build --views R`) fixes R views per image instead: view v of manifest row
+r is a function of (seed, r, v) alone (`replayed_views`), so the cache's build and every training run
+cut the same R crops, and a run only draws which of them each step uses.
+
 Boxes are relative to the source image: ``(y0, x0, y1, x1)``, the order DALI's ``fn.resize`` takes for
 ``roi_start`` / ``roi_end`` on HWC images; in [0, 1] except for DeiT III's simple crop, whose padding
 reaches a few pixels outside (`reflect_outside` mirrors them in after DALI).
@@ -127,7 +131,52 @@ def reflect_outside(views: torch.Tensor, boxes: torch.Tensor, flips: torch.Tenso
     return views[n, rows[:, :, None], cols[:, None, :]]
 
 
-def draw_views(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray, repeats: int,
+class KeyedUniforms:
+    """The part of numpy's Generator that the view draws use (``uniform``, ``random``), answered by a
+    counter-based hash of (seed, key, call, column) instead of a stream: element i of every call depends
+    only on ``keys[i]``, so a view drawn alone or among any others is the same view. splitmix64's
+    finaliser over 64-bit words; 53-bit uniforms in [0, 1)."""
+
+    def __init__(self, seed: int, keys: np.ndarray):
+        self.keys = np.asarray(keys, dtype=np.uint64)
+        self.seed = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+        self.calls = 0
+
+    @staticmethod
+    def _mix(x: np.ndarray) -> np.ndarray:
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def random(self, size: int | tuple[int, ...] | None = None) -> np.ndarray:
+        shape = (len(self.keys),) if size is None else np.atleast_1d(size)
+        if int(shape[0]) != len(self.keys):
+            raise ValueError(f"KeyedUniforms draws one row per key ({len(self.keys)}), asked for {tuple(shape)}")
+        columns = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        golden = np.uint64(0x9E3779B97F4A7C15)
+        with np.errstate(over="ignore"):
+            word = self._mix(self._mix(self.keys * golden + self.seed) + np.uint64(self.calls) * golden)
+            word = self._mix(word[:, None] + np.arange(columns, dtype=np.uint64)[None, :] * golden)
+        self.calls += 1
+        return ((word >> np.uint64(11)).astype(np.float64) / float(1 << 53)).reshape(tuple(int(d) for d in shape))
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size: int | tuple[int, ...] | None = None) -> np.ndarray:
+        return low + (high - low) * self.random(size)
+
+
+def replayed_views(seed: int, rows: np.ndarray, view_ids: np.ndarray, widths: np.ndarray, heights: np.ndarray,
+                   cfg: AugmentConfig) -> Views:
+    """View ``view_ids[i]`` of manifest row ``rows[i]`` (an image ``widths[i]`` x ``heights[i]``), the same
+    whatever else is drawn with it: [m, 1] boxes and flips, drawn as `draw_views` draws (same algorithm,
+    same distribution), from `KeyedUniforms` keyed by (row, view)."""
+    rows, view_ids = np.asarray(rows, dtype=np.int64), np.asarray(view_ids, dtype=np.int64)
+    if len(rows) and (view_ids.min() < 0 or view_ids.max() >= 1 << 20):
+        raise ValueError(f"view ids must lie in [0, 2**20), got {view_ids.min()}..{view_ids.max()}")
+    keys = (rows.astype(np.uint64) << np.uint64(20)) | view_ids.astype(np.uint64)
+    return draw_views(KeyedUniforms(seed, keys), np.asarray(widths), np.asarray(heights), 1, cfg)
+
+
+def draw_views(rng: np.random.Generator | KeyedUniforms, widths: np.ndarray, heights: np.ndarray, repeats: int,
                cfg: AugmentConfig) -> Views:
     """``repeats`` independent views of each image: boxes and flips."""
     n = len(widths)

@@ -1,4 +1,5 @@
-"""`teacher-cache build`: run the teacher once over every image and store its logit maps.
+"""`teacher-cache build`: run the teacher once over every image and store its logit maps (or, with
+``views=R``, its outputs on R fixed training crops per image: a replay cache).
 
 A Ray job: a pool of actors (one per GPU, or CPU workers when there is none) each takes whole shards,
 reads them with the stream's piece reader, decodes and resizes every image to R x R with DALI (the same
@@ -21,11 +22,21 @@ import torch
 from infra.raycluster import init_ray
 from pipeline.batch_aug import normalize
 from pipeline.config import AugmentConfig, StreamConfig
-from pipeline.dali_graph import to_torch, whole_image_graph
+from pipeline.dali_graph import to_torch, train_graph, whole_image_graph
 from pipeline.progress import Progress
 from pipeline.storage import Location
-from pipeline.stream import PieceReader, ShardSet, StreamMetrics
-from teacher_cache.cache import CacheMismatch, check_identity, read_info, read_part_meta, write_info, write_part
+from pipeline.stream import PieceReader, Sample, ShardSet, StreamMetrics
+from pipeline.views import reflect_outside, replayed_views
+from teacher_cache.cache import (
+    CacheMismatch,
+    check_identity,
+    check_replay,
+    read_info,
+    read_part_meta,
+    replay_identity,
+    write_info,
+    write_part,
+)
 from teacher_cache.maps import EncodedMaps, copy_to_host, encode_on_device
 from teacher_cache.teacher import Teacher, TeacherSpec, expected_identity
 
@@ -44,58 +55,111 @@ class CacheBuildConfig:
     cpus_per_worker: int = 1
     dali_threads: int = 2
     overwrite: bool = False
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std used to normalise
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std; with views, the crops' settings
+    views: int = 0  # > 0: a replay cache, the teacher's outputs on this many fixed crops per image; 0: maps
+    seed: int = 0  # with views: which crops (training runs replay them with augment.replay_seed)
+
+    def __post_init__(self) -> None:
+        if self.views and self.teacher.resolution != self.augment.image_size:
+            raise ValueError(f"a replay cache runs the teacher on the training crops ({self.augment.image_size} px): "
+                             f"teacher resolution {self.teacher.resolution} must be the same")
+
+    @property
+    def images_per_batch(self) -> int:
+        """Images per DALI batch: ``batch_size`` is the teacher's batch, in whole images or in views."""
+        return max(1, self.batch_size // self.views) if self.views else self.batch_size
 
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class WholeImages:
-    """One DALI whole-image graph (decode -> resize to the teacher's resolution), fed shard after shard:
-    building a graph costs about 0.2 s on a CPU, and more with nvJPEG's decoder on a GPU, against an
+class ShardGraph:
+    """One DALI graph fed shard after shard: decode -> the whole image at the teacher's resolution (a map
+    cache), or decode -> the image's R fixed crops (a replay cache, the training loader's own graph).
+    Building a graph costs about 0.2 s on a CPU, and more with nvJPEG's decoder on a GPU, against an
     ImageNet build's hundreds of shards. Each shard is one pass of the graph (its source ends with the
     shard, and the graph is reset for the next)."""
 
     @classmethod
-    def for_teacher(cls, teacher: Teacher, cfg: CacheBuildConfig) -> WholeImages:
-        """The graph a build worker feeds ``teacher`` with: its resolution, on its device."""
+    def for_teacher(cls, teacher: Teacher, cfg: CacheBuildConfig) -> ShardGraph:
+        """The graph a build worker feeds ``teacher`` with: on its device, whole images or crops."""
         device_id = (teacher.device.index or 0) if teacher.device.type == "cuda" else None
-        return cls(cfg.batch_size, teacher.spec.resolution, device_id, cfg.dali_threads)
+        if cfg.views:
+            return cls(lambda source: train_graph(source, cfg.images_per_batch, cfg.views, cfg.augment, device_id,
+                                                  num_threads=cfg.dali_threads))
+        return cls(lambda source: whole_image_graph(source, cfg.batch_size, teacher.spec.resolution, device_id,
+                                                    cfg.dali_threads))
 
-    def __init__(self, batch_size: int, resolution: int, device_id: int | None, threads: int) -> None:
-        self._args = (batch_size, resolution, device_id, threads)
-        self._feed: deque[list[np.ndarray]] = deque()
+    def __init__(self, graph: Callable[[Callable[[], Any]], Any]) -> None:
+        self._graph = graph  # source -> an unbuilt DALI pipeline
+        self._feed: deque[Any] = deque()
         self._pipe: Any = None
         self._ended = False  # the last pass ran to its end (its source said so): reset() starts the next
         self.builds = 0  # graphs built (one, unless a pass was cut short)
 
-    def _next(self) -> list[np.ndarray]:
+    def _next(self) -> Any:
         if not self._feed:
             raise StopIteration
         return self._feed.popleft()
 
-    def __call__(self, chunks: list[list[np.ndarray]]) -> Iterator[Any]:
-        """The resized images of each chunk of encoded images, in order (DALI TensorLists)."""
-        if not chunks:
+    def __call__(self, feeds: list[Any]) -> Iterator[Any]:
+        """The graph's first output for each feed (what its source returns for one batch), in order."""
+        if not feeds:
             return
         if self._pipe is not None and self._ended and self._pipe.empty():
             self._pipe.reset()  # the source said StopIteration in the last run() (DALI calls it in run())
         else:  # the first pass, or one cut short by an error (a reset would replay its prefetched batches)
-            self._pipe = whole_image_graph(self._next, *self._args)
+            self._pipe = self._graph(self._next)
             self._pipe.build()
             self.builds += 1
         self._ended = False
         self._feed.clear()
-        self._feed.extend(chunks)
-        for i in range(len(chunks)):
+        self._feed.extend(feeds)
+        for i in range(len(feeds)):
             out = self._pipe.run()[0]
-            self._ended = i == len(chunks) - 1
+            self._ended = i == len(feeds) - 1
             yield out
 
 
+def _feed(samples: list[Sample], cfg: CacheBuildConfig) -> Any:
+    """What the graph's source returns for one batch of images: their bytes, and for a replay cache each
+    image's R crops (`pipeline.views.replayed_views`) as the training loader feeds them."""
+    encoded = [np.frombuffer(s.data, dtype=np.uint8) for s in samples]
+    if not cfg.views:
+        return encoded
+    n, ids = len(samples), np.tile(np.arange(cfg.views), len(samples))
+    views = replayed_views(cfg.seed, np.repeat([s.row for s in samples], cfg.views), ids,
+                           np.repeat([s.width for s in samples], cfg.views),
+                           np.repeat([s.height for s in samples], cfg.views), cfg.augment)
+    return (encoded, list(views.boxes.reshape(n, cfg.views, 4)), list(views.flips.reshape(n, cfg.views)),
+            [np.array(0, dtype=np.int64)] * n)
+
+
+def _teacher_input(out: Any, feed: Any, teacher: Teacher, cfg: CacheBuildConfig) -> torch.Tensor:
+    """The graph's output for one batch -> the teacher's normalised input [B, 3, S, S]: whole images, or
+    every image's R crops in order (image 0's views 0..R-1, then image 1's, ...)."""
+    images = to_torch(out, str(teacher.device))
+    if cfg.views:  # [n, R, S, S, 3] -> [n R, S, S, 3], as the loader hands views on
+        n, views, size = images.shape[0], images.shape[1], images.shape[2]
+        images = images.reshape(n * views, size, size, 3)
+        if cfg.augment.crop == "simple":
+            boxes, flips = np.concatenate(feed[1]), np.concatenate(feed[2])
+            images = reflect_outside(images, torch.from_numpy(boxes), torch.from_numpy(flips))
+    return normalize(images.permute(0, 3, 1, 2), cfg.augment)
+
+
+def _encode(x: torch.Tensor, teacher: Teacher, images: int, cfg: CacheBuildConfig) -> tuple:
+    """Teacher outputs for one batch, encoded on its device: a logit map per image, or per image the R
+    views' logits as R cells of a 1 x 1 map (the same top-k + floor encoding, one cell per view)."""
+    if not cfg.views:
+        return encode_on_device(teacher.logit_map(x), cfg.topk)
+    logits = teacher.logits(x).view(images, cfg.views, -1).permute(0, 2, 1).unsqueeze(-1)  # [n, C, R, 1]
+    return (*encode_on_device(logits, cfg.topk)[:3], 1, 1)
+
+
 def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuildConfig,
-                 decode: WholeImages | None = None) -> tuple[list[str], EncodedMaps, int]:
+                 decode: ShardGraph | None = None) -> tuple[list[str], EncodedMaps, int]:
     """All images of one shard -> (keys in manifest order, encoded maps, unreadable count); ``decode``:
     the caller's graph, kept from shard to shard (default: one for this shard)."""
     count = int(shards.counts[shard])
@@ -104,10 +168,11 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
     found = PieceReader(shards, StreamConfig(), metrics).read(shard, 0, count)
     rows = list(range(first, first + count))
     readable = [r for r in rows if r in found]
-    chunks = [readable[i:i + cfg.batch_size] for i in range(0, len(readable), cfg.batch_size)]
+    step = cfg.images_per_batch
+    chunks = [readable[i:i + step] for i in range(0, len(readable), step)]
     if decode is None:
-        decode = WholeImages.for_teacher(teacher, cfg)
-    encoded = [[np.frombuffer(found[r].data, dtype=np.uint8) for r in chunk] for chunk in chunks]
+        decode = ShardGraph.for_teacher(teacher, cfg)
+    feeds = [_feed([found[r] for r in chunk], cfg) for chunk in chunks]
     pieces: dict[int, EncodedMaps] = {}
 
     def keep(chunk: list[int], copied: Callable[[], EncodedMaps]) -> None:
@@ -117,9 +182,8 @@ def encode_shard(shards: ShardSet, shard: int, teacher: Teacher, cfg: CacheBuild
                                       maps.height, maps.width)
 
     pending = None
-    for chunk, resized in zip(chunks, decode(encoded), strict=True):
-        images = to_torch(resized, str(teacher.device)).permute(0, 3, 1, 2)
-        queued = (chunk, copy_to_host(encode_on_device(teacher.logit_map(normalize(images, cfg.augment)), cfg.topk)))
+    for chunk, feed, out in zip(chunks, feeds, decode(feeds), strict=True):
+        queued = (chunk, copy_to_host(_encode(_teacher_input(out, feed, teacher, cfg), teacher, len(chunk), cfg)))
         if pending is not None:  # on a GPU this batch's teacher runs while the last one's maps come back
             keep(*pending)
         pending = queued
@@ -144,7 +208,7 @@ class CacheWorker:
         self.cfg = cfg
         self.shards = ShardSet.open(cfg.shards, cfg.split)
         self.teacher = Teacher(cfg.teacher, device)
-        self.decode = WholeImages.for_teacher(self.teacher, cfg)
+        self.decode = ShardGraph.for_teacher(self.teacher, cfg)
 
     def identity(self) -> dict[str, Any]:
         return self.teacher.identity
@@ -166,12 +230,13 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
             if previous["map"]["k"] != cfg.topk:
                 raise CacheMismatch(f"teacher cache {cfg.out.url} keeps top-{previous['map']['k']} logits, this "
                                     f"build asks for top-{cfg.topk}")
+            check_replay(cfg.out.url, previous.get("views"), cfg.augment, cfg.views, cfg.seed)
         except CacheMismatch as exc:
             raise CacheMismatch(f"{exc} (or pass --overwrite)") from None
         log.info("teacher cache %s is complete; nothing to do", cfg.out.url)
         return previous
     meta = {"fingerprint": shards.fingerprint, "teacher": cfg.teacher.name, "resolution": cfg.teacher.resolution,
-            "weights": cfg.teacher.weights, "k": cfg.topk}
+            "weights": cfg.teacher.weights, "k": cfg.topk, "views": replay_identity(cfg.augment, cfg.views, cfg.seed)}
     results: dict[int, dict[str, Any]] = {}
     for shard in sorted(shards.shard_names):  # parts are atomic: one that matches this build is finished
         found = read_part_meta(cfg.out, cfg.split, shard)
@@ -214,6 +279,7 @@ def _finish(cfg: CacheBuildConfig, shards: ShardSet, identity: dict[str, Any],
     info = {
         "dataset": {"url": cfg.shards.url, "split": cfg.split, "fingerprint": shards.fingerprint},
         "teacher": identity, "map": {"height": first["height"], "width": first["width"], "k": cfg.topk},
+        "views": replay_identity(cfg.augment, cfg.views, cfg.seed),
         "shards": sorted(results), "num_samples": int(sum(r["samples"] for r in results.values())),
         "unreadable": int(sum(r["unreadable"] for r in results.values())),
         "bytes_per_image": first["bytes_per_image"], "bytes": int(sum(r["bytes"] for r in results.values())),

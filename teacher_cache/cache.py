@@ -3,12 +3,15 @@
 ::
 
     cache.json                      format, version, dataset fingerprint, teacher identity, map size, k,
-                                    shards done, bytes per image (written last: the commit point)
-    train-000000.parquet ...        key, indices (int16 [h*w*k]), values (float16 [h*w*k]),
-                                    floor (float16 [h*w]) per image, in the shard's manifest order
+                                    replayed views (or null), shards done, bytes per image (written last:
+                                    the commit point)
+    train-000000.parquet ...        key, indices (int16 [cells*k]), values (float16 [cells*k]),
+                                    floor (float16 [cells]) per image, in the shard's manifest order
 
+A cell is a location of the image's logit map (h*w of them), or in a replay cache one of the image's R
+fixed crops (`pipeline.views.replayed_views`), whose teacher output it holds exactly (up to top-k).
 A training run opens it with the dataset and teacher it expects; any difference (data, teacher name,
-weights, resolution) is refused with a message that says which.
+weights, resolution, and for a replay cache the crops) is refused with a message that says which.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.config import AugmentConfig
 from pipeline.storage import Location, exists, read_json, write_bytes, write_json
 from pipeline.stream import ShardSet
 from pipeline.transfer import to_device
@@ -33,7 +37,8 @@ from teacher_cache.maps import EncodedMaps, box_weights, pooled_logits
 log = logging.getLogger(__name__)
 
 FORMAT = "distillery-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a replay cache's "views"; a version-1 cache (maps only) reads as before
+READABLE_VERSIONS = (1, 2)
 SCHEMA = pa.schema([("key", pa.string()), ("indices", pa.binary()), ("values", pa.binary()), ("floor", pa.binary())])
 
 
@@ -86,7 +91,7 @@ def read_info(out: Location) -> dict[str, Any] | None:
     if not exists(fs, f"{root}/cache.json"):
         return None
     info = read_json(fs, f"{root}/cache.json")
-    if info.get("format") != FORMAT or info.get("version") != FORMAT_VERSION:
+    if info.get("format") != FORMAT or info.get("version") not in READABLE_VERSIONS:
         raise CacheMismatch(f"{out.url}/cache.json: format {info.get('format')} v{info.get('version')} is not "
                             f"understood (this code reads {FORMAT} v{FORMAT_VERSION}); rebuild the cache")
     return info
@@ -104,6 +109,37 @@ def check_identity(url: str, info: dict[str, Any], fingerprint: str, teacher: di
                 f"{teacher[field]!r}: rebuild the cache for this teacher, or point distill.cache at the right one")
 
 
+REPLAY_FIELDS = ("image_size", "crop", "crop_pad", "scale", "ratio", "hflip", "interpolation")  # what cuts a crop
+
+
+def replay_identity(augment: AugmentConfig, views: int, seed: int) -> dict[str, Any] | None:
+    """What fixes a replay cache's crops: their count, seed and the augmentation fields that cut them;
+    None for a map cache (``views=0``)."""
+    if not views:
+        return None
+    fields = {name: getattr(augment, name) for name in REPLAY_FIELDS}
+    return {"count": views, "seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
+def check_replay(url: str, stored: dict[str, Any] | None, augment: AugmentConfig, views: int, seed: int) -> None:
+    """Refuse a replay cache whose crops are not the ones ``views``, ``seed`` and ``augment`` cut (and
+    a map cache where a replay one is asked for, and the other way round), naming the field."""
+    wanted = replay_identity(augment, views, seed)
+    if stored == wanted:
+        return
+    if stored is None or wanted is None:
+        if stored:
+            raise CacheMismatch(f"teacher cache {url} replays {stored['count']} fixed crops per image (seed "
+                                f"{stored['seed']}), this run draws fresh crops: set data.augment.replay_views="
+                                f"{stored['count']} data.augment.replay_seed={stored['seed']}")
+        raise CacheMismatch(f"teacher cache {url} holds logit maps, this run replays crops: set "
+                            f"data.augment.replay_views=0, or build a replay cache (teacher-cache build --views R)")
+    field = next(k for k in [*wanted, *stored] if stored.get(k) != wanted.get(k))
+    name = {"count": "augment.replay_views", "seed": "augment.replay_seed"}.get(field, f"augment.{field}")
+    raise CacheMismatch(f"teacher cache {url} replays crops cut with {field}={stored.get(field)!r}, this run cuts them "
+                        f"with {name}={wanted.get(field)!r}: set it to the cache's value, or rebuild the cache")
+
+
 @dataclass
 class _Part:
     indices: np.ndarray
@@ -115,14 +151,19 @@ class TeacherCache:
     """Cached teacher logits for training views: ``logits(rows, boxes)`` -> [B, C] on any device."""
 
     def __init__(self, location: Location, shards: ShardSet, teacher: dict[str, Any] | None = None,
-                 max_parts_in_memory: int = 16):
+                 max_parts_in_memory: int = 16, augment: AugmentConfig | None = None):
+        """``augment``: the run's augmentation, whose replay settings must be the cache's (None: unchecked)."""
         info = read_info(location)
         if info is None:
             raise CacheMismatch(f"{location.url}: no complete teacher cache (no cache.json); run "
                                 f"`teacher-cache build` (a build that stopped half-way resumes)")
         check_identity(location.url, info, shards.fingerprint, teacher)
+        self.views: dict[str, Any] | None = info.get("views")
+        if augment is not None:
+            check_replay(location.url, self.views, augment, augment.replay_views, augment.replay_seed)
         self.location, self.shards, self.info = location, shards, info
         self.height, self.width, self.k = info["map"]["height"], info["map"]["width"], info["map"]["k"]
+        self.cells = self.views["count"] if self.views else self.height * self.width
         self.classes = info["teacher"]["num_classes"]
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._max_parts = max_parts_in_memory
@@ -134,7 +175,7 @@ class TeacherCache:
         fs, root = self.location.fs_and_path()
         with fs.open(f"{root}/{part_name(self.shards.split, shard)}", "rb") as handle:
             table = pq.read_table(handle)
-        cells = self.height * self.width
+        cells = self.cells
         n = table.num_rows
         join = lambda name, dtype: np.frombuffer(b"".join(table.column(name).to_pylist()), dtype=dtype)  # noqa: E731
         part = _Part(join("indices", np.int16).reshape(n, cells, self.k),
@@ -144,12 +185,18 @@ class TeacherCache:
             self._parts.popitem(last=False)
         return part
 
-    def logits(self, rows: np.ndarray, boxes: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The cached teacher's scores for views of manifest ``rows`` cropped at relative ``boxes``."""
+    def logits(self, rows: np.ndarray, boxes: torch.Tensor, device: str | torch.device = "cpu",
+               view_ids: np.ndarray | None = None) -> torch.Tensor:
+        """The cached teacher's scores for views of manifest ``rows`` cropped at relative ``boxes``: the map
+        pooled over the box, or, from a replay cache, the stored output of crop ``view_ids`` (the loader's
+        `Batch.view_ids`)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self.views and view_ids is None:
+            raise ValueError(f"teacher cache {self.location.url} replays fixed crops: pass the batch's view_ids "
+                             f"(a loader with data.augment.replay_views={self.views['count']})")
         shard_of = self.shards.shards[rows]
         position = rows - self.shards.shard_starts[shard_of]
-        cells = self.height * self.width
+        cells = self.cells
         indices = np.empty((len(rows), cells, self.k), np.int16)
         values = np.empty((len(rows), cells, self.k), np.float16)
         floor = np.empty((len(rows), cells), np.float16)  # ~2 MB a DeiT step at 7x7, k=10: to_device pins
@@ -158,6 +205,11 @@ class TeacherCache:
             part = self._part(int(shard))
             indices[mask], values[mask], floor[mask] = (part.indices[position[mask]], part.values[position[mask]],
                                                         part.floor[position[mask]])
-        weights = box_weights(to_device(boxes, device).float(), self.height, self.width)
+        if self.views:
+            # the chosen crop's one-hot weights, by a scatter: F.one_hot may read the ids back to check them
+            chosen = to_device(np.asarray(view_ids, dtype=np.int64), device)
+            weights = torch.zeros(len(rows), cells, device=chosen.device).scatter_(1, chosen[:, None], 1.0)
+        else:
+            weights = box_weights(to_device(boxes, device).float(), self.height, self.width)
         return pooled_logits(to_device(indices, device), to_device(values, device), to_device(floor, device),
                              weights, self.classes)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from pipeline.config import AugmentConfig
 from pipeline.storage import Location, parse_storage_options
 from teacher_cache.cache import CacheMismatch
 from teacher_cache.teacher import TeacherError, TeacherSpec
@@ -23,10 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shards", required=True, help="URL of the shards built by `pipeline build-shards`")
     b.add_argument("--split", default="train")
     b.add_argument("--out", required=True, help="URL of the cache folder")
-    b.add_argument("--resolution", type=int, default=224, help="the teacher sees each whole image at R x R")
+    b.add_argument("--resolution", type=int,
+                   help="the teacher sees each whole image at R x R (default 224; with --views: the crops' size)")
     b.add_argument("--topk", type=int, default=10, help="logits kept per map location")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else 1; 0: in this process, no Ray)")
+    b.add_argument("--views", type=int, default=0,
+                   help="a replay cache: the teacher's outputs on this many fixed training crops per image, cut as "
+                        "--recipe cuts them (train with data.augment.replay_views=N data.augment.replay_seed=S); "
+                        "0 (default): logit maps")
+    b.add_argument("--seed", type=int, default=0, help="with --views: which crops")
+    b.add_argument("--recipe", help="with --views: the training recipe whose augmentation cuts the crops")
+    b.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="with --recipe: the training run's overrides (e.g. data.augment.scale=[0.35,1.0])")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--storage-options", metavar="JSON", help="fsspec options for --shards and --out")
     bench = sub.add_parser("bench", help="agreement with the online teacher, bytes per image, step rates")
@@ -45,6 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _augment(args: argparse.Namespace) -> AugmentConfig:
+    """The crops' settings: the recipe's (with the run's overrides) for a replay cache; defaults for maps
+    (only mean and std are used)."""
+    if not args.views:
+        if args.recipe or args.override:
+            raise ValueError("--recipe and --override choose a replay cache's crops: pass --views N too")
+        return AugmentConfig()
+    if not args.recipe:
+        raise ValueError("--views needs --recipe: the training recipe whose augmentation cuts the crops")
+    from trainer import recipes
+    from trainer.overrides import apply_overrides
+
+    return apply_overrides(recipes.get(args.recipe), args.override).data.augment
+
+
+def _resolution(args: argparse.Namespace, augment: AugmentConfig) -> int:
+    if args.views:
+        return args.resolution or augment.image_size
+    return args.resolution or 224
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -53,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             from teacher_cache.build import CacheBuildConfig, build_cache
 
             options = parse_storage_options(args.storage_options)
+            augment = _augment(args)
             info = build_cache(CacheBuildConfig(
                 shards=Location(args.shards, options), out=Location(args.out, options), split=args.split,
-                teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, args.resolution), topk=args.topk,
-                batch_size=args.batch, workers=args.workers, overwrite=args.overwrite))
+                teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, _resolution(args, augment)),
+                topk=args.topk, batch_size=args.batch, workers=args.workers, overwrite=args.overwrite,
+                augment=augment, views=args.views, seed=args.seed))
+            kind = (f"{info['views']['count']} replayed crops (seed {info['views']['seed']})" if info.get("views")
+                    else f"map {info['map']['height']}x{info['map']['width']}")
             print(f"teacher cache: {info['num_samples']} images, {info['bytes_per_image']} bytes/image, "
-                  f"map {info['map']['height']}x{info['map']['width']} top-{info['map']['k']} -> {args.out}")
+                  f"{kind} top-{info['map']['k']} -> {args.out}")
             return 0
         from teacher_cache.bench import bench
 

@@ -22,7 +22,8 @@ import torch
 
 @dataclass(frozen=True)
 class EncodedMaps:
-    """n images' maps: indices int16 [n, h*w, k], values float16 [n, h*w, k], floor float16 [n, h*w]."""
+    """n images' maps: indices int16 [n, cells, k], values float16 [n, cells, k], floor float16 [n, cells];
+    cells: the h*w locations of a map, or a replay cache's views (then h = w = 1)."""
 
     indices: np.ndarray
     values: np.ndarray

@@ -681,6 +681,10 @@ def test_validation_names_fields_and_fixes() -> None:
     with pytest.raises(ConfigError, match=r"model\.distilled=True but distill\.kind='none'"):
         apply_overrides(recipes.get("deit_s_distill"), ["distill.kind=none"]).validate()
 
+    with pytest.raises(ConfigError, match=r"data\.augment\.replay_views=2 is fewer than data\.stream\.repeats=3"):
+        apply_overrides(c, ["data.augment.replay_views=2"]).validate()
+    assert apply_overrides(c, ["data.augment.replay_views=3"]).validate()
+
     with pytest.raises(ConfigError, match=r"data\.augment\.image_size=256 != model\.img_size=224"):
         apply_overrides(c, ["data.augment.image_size=256"]).validate()
 

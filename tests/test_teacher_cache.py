@@ -219,9 +219,9 @@ def test_bench_prints_agreement_by_crop_box_whole_image_and_replay_and_step_rate
 
 
 def test_one_decoding_graph_serves_every_shard_of_a_worker(digits) -> None:
-    """A cache worker keeps one DALI graph from shard to shard (WholeImages): the maps are those of a
+    """A cache worker keeps one DALI graph from shard to shard (ShardGraph): the maps are those of a
     graph built for each shard, whatever the shards' order and sizes (last chunks smaller than a batch)."""
-    from teacher_cache.build import WholeImages, encode_shard
+    from teacher_cache.build import ShardGraph, encode_shard
 
     shards, weights = digits
     spec = TeacherSpec("resnet10t", weights, 10, 32)
@@ -229,7 +229,7 @@ def test_one_decoding_graph_serves_every_shard_of_a_worker(digits) -> None:
     teacher = Teacher(spec)
     order = sorted(shards.shard_names, reverse=True)
     assert len(order) >= 3 and any(int(shards.counts[s]) % 48 for s in order)
-    shared = WholeImages(cfg.batch_size, spec.resolution, None, cfg.dali_threads)
+    shared = ShardGraph.for_teacher(teacher, cfg)
     for shard in [*order, order[0]]:  # and a shard again
         keys, maps, _ = encode_shard(shards, shard, teacher, cfg, shared)
         fresh_keys, fresh, _ = encode_shard(shards, shard, teacher, cfg)

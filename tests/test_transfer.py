@@ -93,15 +93,18 @@ def test_the_batch_augmentation_never_waits_for_the_gpu(recipe: str, fake_cuda: 
     assert _augment_steps(config, fake_cuda) == Counter()
 
 
-def test_the_teacher_caches_lookup_never_waits_for_the_gpu(fake_cuda: FakeTensorMode) -> None:
+@pytest.mark.parametrize("replay", [False, True])
+def test_the_teacher_caches_lookup_never_waits_for_the_gpu(fake_cuda: FakeTensorMode, replay: bool) -> None:
+    """A map cache pooled over crop boxes, and a replay cache looked up by view ids."""
     from collections import OrderedDict
     from types import SimpleNamespace
 
     from teacher_cache.cache import TeacherCache, _Part
 
-    rows, cells, k = 32, 49, 10
+    rows, cells, k = 32, 5 if replay else 49, 10
     cache = TeacherCache.__new__(TeacherCache)  # one part in memory, as after its first read
-    cache.height = cache.width = 7
+    cache.height = cache.width = 1 if replay else 7
+    cache.views, cache.cells = {"count": cells} if replay else None, cells
     cache.k, cache.classes, cache._max_parts = k, 1000, 16
     cache.shards = SimpleNamespace(shards=np.zeros(rows, np.int64), shard_starts=np.zeros(1, np.int64))
     cache._parts = OrderedDict({0: _Part(np.zeros((rows, cells, k), np.int16), np.zeros((rows, cells, k), np.float16),
@@ -110,7 +113,7 @@ def test_the_teacher_caches_lookup_never_waits_for_the_gpu(fake_cuda: FakeTensor
     with fake_cuda:
         waits = HostWaits()
         with waits:
-            logits = cache.logits(np.arange(24) % rows, boxes, "cuda")
+            logits = cache.logits(np.arange(24) % rows, boxes, "cuda", np.arange(24) % cells if replay else None)
     assert logits.device.type == "cuda" and tuple(logits.shape) == (24, 1000)
     assert waits.found == Counter()
 

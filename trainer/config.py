@@ -457,6 +457,10 @@ def _data_problems(c: TrainConfig) -> list[str]:
             f"number, i.e. at least 2 images of data.stream.repeats={repeats} views; raise data.batch_size to "
             f"at least {2 * repeats * workers} or turn mixing off (data.mix.prob=0)"
         )
+    replay = c.data.augment.replay_views
+    if 0 < replay < repeats:
+        out.append(f"data.augment.replay_views={replay} is fewer than data.stream.repeats={repeats}: an image's "
+                   f"views in a step are distinct crops; use a replay cache of at least {repeats} views")
     if c.data.augment.image_size != c.model.img_size:
         out.append(
             f"data.augment.image_size={c.data.augment.image_size} != model.img_size={c.model.img_size}: "

@@ -690,7 +690,8 @@ class OnlineTeacher(TeacherFn):
 
 
 class CachedTeacher(TeacherFn):
-    """Precomputed logit maps pooled over each view's crop box, mixed with the batch's lambda."""
+    """Precomputed logit maps pooled over each view's crop box (or a replayed crop's stored output), mixed
+    with the batch's lambda."""
 
     def __init__(self, cache: TeacherCache):
         self.cache = cache
@@ -698,7 +699,7 @@ class CachedTeacher(TeacherFn):
     def __call__(self, x: torch.Tensor, batch: Batch | None, mix: MixParams | None) -> torch.Tensor:
         if batch is None or mix is None:
             raise ValueError("a teacher cache labels the views of a loader batch: pass the batch and its mix")
-        return mixed(self.cache.logits(batch.rows, batch.boxes, x.device), mix.lam)
+        return mixed(self.cache.logits(batch.rows, batch.boxes, x.device, batch.view_ids), mix.lam)
 
 
 class _ConstantTeacher(TeacherFn):
@@ -725,7 +726,8 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
                                                config.model.num_classes, d.teacher.img_size))
         if not d.teacher.pretrained_path:  # no weights named: any cache of this teacher and data will do
             del expect["weights_sha256"]
-        cache = TeacherCache(Location(d.cache_url), shards, expect)  # refuses other data or another teacher
+        # refuses other data, another teacher, or (a replay cache) other crops than the run's
+        cache = TeacherCache(Location(d.cache_url), shards, expect, augment=config.data.augment)
         identity.update({"teacher.sha256": cache.info["teacher"]["weights_sha256"], "teacher.cache": d.cache_url})
         return CachedTeacher(cache), identity
     if d.source == "remote":
