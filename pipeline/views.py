@@ -170,8 +170,9 @@ def replayed_views(seed: int, rows: np.ndarray, view_ids: np.ndarray, widths: np
     whatever else is drawn with it: [m, 1] boxes and flips, drawn as `draw_views` draws (same algorithm,
     same distribution), from `KeyedUniforms` keyed by (row, view)."""
     rows, view_ids = np.asarray(rows, dtype=np.int64), np.asarray(view_ids, dtype=np.int64)
-    if len(rows) and (view_ids.min() < 0 or view_ids.max() >= 1 << 20):
-        raise ValueError(f"view ids must lie in [0, 2**20), got {view_ids.min()}..{view_ids.max()}")
+    if len(rows) and (view_ids.min() < 0 or view_ids.max() >= 1 << 20 or rows.min() < 0 or rows.max() >= 1 << 43):
+        raise ValueError(f"view ids must lie in [0, 2**20) and rows in [0, 2**43), got views "
+                         f"{view_ids.min()}..{view_ids.max()}, rows {rows.min()}..{rows.max()}")
     keys = (rows.astype(np.uint64) << np.uint64(20)) | view_ids.astype(np.uint64)
     return draw_views(KeyedUniforms(seed, keys), np.asarray(widths), np.asarray(heights), 1, cfg)
 

@@ -216,7 +216,8 @@ class CacheWorker:
     def run(self, shard: int, meta: dict[str, Any]) -> dict[str, Any]:
         keys, maps, unreadable = encode_shard(self.shards, shard, self.teacher, self.cfg, self.decode)
         result = {**meta, "shard": shard, "samples": len(keys), "unreadable": unreadable, "height": maps.height,
-                  "width": maps.width, "bytes_per_image": maps.bytes_per_image}
+                  "width": maps.width, "bytes_per_image": maps.bytes_per_image,
+                  "device": self.teacher.device.type}  # decoder and teacher: a CPU build's pixels differ a little
         result["bytes"] = write_part(self.cfg.out, self.cfg.split, shard, keys, maps, result)
         return result
 
@@ -283,7 +284,8 @@ def _finish(cfg: CacheBuildConfig, shards: ShardSet, identity: dict[str, Any],
         "shards": sorted(results), "num_samples": int(sum(r["samples"] for r in results.values())),
         "unreadable": int(sum(r["unreadable"] for r in results.values())),
         "bytes_per_image": first["bytes_per_image"], "bytes": int(sum(r["bytes"] for r in results.values())),
-        "build": {"topk": cfg.topk, "batch_size": cfg.batch_size, "split": cfg.split},
+        "build": {"topk": cfg.topk, "batch_size": cfg.batch_size, "split": cfg.split,
+                  "devices": sorted({r.get("device", "unknown") for r in results.values()})},
     }
     write_info(cfg.out, info)
     return info

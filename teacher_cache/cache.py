@@ -37,7 +37,7 @@ from teacher_cache.maps import EncodedMaps, box_weights, pooled_logits
 log = logging.getLogger(__name__)
 
 FORMAT = "distillery-teacher-cache"
-FORMAT_VERSION = 2  # 2: a replay cache's "views"; a version-1 cache (maps only) reads as before
+FORMAT_VERSION = 2  # 2: a replay cache ("views"); map caches are still written and read as version 1
 READABLE_VERSIONS = (1, 2)
 SCHEMA = pa.schema([("key", pa.string()), ("indices", pa.binary()), ("values", pa.binary()), ("floor", pa.binary())])
 
@@ -82,8 +82,10 @@ def read_part_meta(out: Location, split: str, shard: int) -> dict[str, Any] | No
 
 
 def write_info(out: Location, info: dict[str, Any]) -> None:
+    """``cache.json``; a map cache stays version 1, which older code reads too."""
     fs, root = out.fs_and_path()
-    write_json(fs, f"{root}/cache.json", {"format": FORMAT, "version": FORMAT_VERSION, **info})
+    write_json(fs, f"{root}/cache.json", {"format": FORMAT, "version": FORMAT_VERSION if info.get("views") else 1,
+                                          **info})
 
 
 def read_info(out: Location) -> dict[str, Any] | None:
@@ -109,16 +111,22 @@ def check_identity(url: str, info: dict[str, Any], fingerprint: str, teacher: di
                 f"{teacher[field]!r}: rebuild the cache for this teacher, or point distill.cache at the right one")
 
 
-REPLAY_FIELDS = ("image_size", "crop", "crop_pad", "scale", "ratio", "hflip", "interpolation")  # what cuts a crop
+# What cuts a replay cache's crops (per crop mode) and what the teacher saw of them (mean, std). Raise
+# REPLAY_ALGORITHM with any change to how pipeline.views draws or KeyedUniforms hashes: older caches hold
+# the teacher's outputs on other crops and are then refused, not served.
+REPLAY_FIELDS = {"rrc": ("image_size", "scale", "ratio", "hflip", "interpolation", "mean", "std"),
+                 "simple": ("image_size", "crop_pad", "hflip", "interpolation", "mean", "std")}
+REPLAY_ALGORITHM = 1
 
 
 def replay_identity(augment: AugmentConfig, views: int, seed: int) -> dict[str, Any] | None:
-    """What fixes a replay cache's crops: their count, seed and the augmentation fields that cut them;
-    None for a map cache (``views=0``)."""
+    """What fixes a replay cache's crops: their count, seed, the drawing code's version and the
+    augmentation fields that cut them; None for a map cache (``views=0``)."""
     if not views:
         return None
-    fields = {name: getattr(augment, name) for name in REPLAY_FIELDS}
-    return {"count": views, "seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+    fields = {name: getattr(augment, name) for name in REPLAY_FIELDS[augment.crop]}
+    return {"count": views, "seed": seed, "algorithm": REPLAY_ALGORITHM, "crop": augment.crop,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
 def check_replay(url: str, stored: dict[str, Any] | None, augment: AugmentConfig, views: int, seed: int) -> None:
@@ -135,6 +143,9 @@ def check_replay(url: str, stored: dict[str, Any] | None, augment: AugmentConfig
         raise CacheMismatch(f"teacher cache {url} holds logit maps, this run replays crops: set "
                             f"data.augment.replay_views=0, or build a replay cache (teacher-cache build --views R)")
     field = next(k for k in [*wanted, *stored] if stored.get(k) != wanted.get(k))
+    if field == "algorithm":
+        raise CacheMismatch(f"teacher cache {url} replays crops drawn by version {stored.get(field)} of the crop "
+                            f"drawing, this code draws version {wanted[field]}: rebuild the cache")
     name = {"count": "augment.replay_views", "seed": "augment.replay_seed"}.get(field, f"augment.{field}")
     raise CacheMismatch(f"teacher cache {url} replays crops cut with {field}={stored.get(field)!r}, this run cuts them "
                         f"with {name}={wanted.get(field)!r}: set it to the cache's value, or rebuild the cache")
@@ -196,19 +207,19 @@ class TeacherCache:
                              f"(a loader with data.augment.replay_views={self.views['count']})")
         shard_of = self.shards.shards[rows]
         position = rows - self.shards.shard_starts[shard_of]
-        cells = self.cells
-        indices = np.empty((len(rows), cells, self.k), np.int16)
-        values = np.empty((len(rows), cells, self.k), np.float16)
-        floor = np.empty((len(rows), cells), np.float16)  # ~2 MB a DeiT step at 7x7, k=10: to_device pins
+        views = None if not self.views else np.asarray(view_ids, dtype=np.int64)
+        used = 1 if self.views else self.cells  # a replay cache: only the view's own cell goes to the device
+        indices = np.empty((len(rows), used, self.k), np.int16)
+        values = np.empty((len(rows), used, self.k), np.float16)
+        floor = np.empty((len(rows), used), np.float16)  # ~2 MB a DeiT step at 7x7, k=10: to_device pins
         for shard in np.unique(shard_of):
             mask = shard_of == shard
             part = self._part(int(shard))
-            indices[mask], values[mask], floor[mask] = (part.indices[position[mask]], part.values[position[mask]],
-                                                        part.floor[position[mask]])
+            # a replay cache: [m, 1] images and cells -> [m, 1, k] and [m, 1]
+            at = position[mask] if views is None else (position[mask][:, None], views[mask][:, None])
+            indices[mask], values[mask], floor[mask] = part.indices[at], part.values[at], part.floor[at]
         if self.views:
-            # the chosen crop's one-hot weights, by a scatter: F.one_hot may read the ids back to check them
-            chosen = to_device(np.asarray(view_ids, dtype=np.int64), device)
-            weights = torch.zeros(len(rows), cells, device=chosen.device).scatter_(1, chosen[:, None], 1.0)
+            weights = torch.ones(len(rows), 1, device=device)
         else:
             weights = box_weights(to_device(boxes, device).float(), self.height, self.width)
         return pooled_logits(to_device(indices, device), to_device(values, device), to_device(floor, device),

@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--topk", type=int, default=10, help="logits kept per map location")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else 1; 0: in this process, no Ray)")
-    b.add_argument("--views", type=int, default=0,
+    b.add_argument("--views", type=int,
                    help="a replay cache: the teacher's outputs on this many fixed training crops per image, cut as "
                         "--recipe cuts them (train with data.augment.replay_views=N data.augment.replay_seed=S); "
-                        "0 (default): logit maps")
-    b.add_argument("--seed", type=int, default=0, help="with --views: which crops")
+                        "default: the recipe's data.augment.replay_views, else 0: logit maps")
+    b.add_argument("--seed", type=int, help="with --views: which crops (default: the recipe's replay_seed, else 0)")
     b.add_argument("--recipe", help="with --views: the training recipe whose augmentation cuts the crops")
     b.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="with --recipe: the training run's overrides (e.g. data.augment.scale=[0.35,1.0])")
@@ -55,25 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _augment(args: argparse.Namespace) -> AugmentConfig:
-    """The crops' settings: the recipe's (with the run's overrides) for a replay cache; defaults for maps
-    (only mean and std are used)."""
-    if not args.views:
-        if args.recipe or args.override:
-            raise ValueError("--recipe and --override choose a replay cache's crops: pass --views N too")
-        return AugmentConfig()
+def _augment(args: argparse.Namespace) -> tuple[AugmentConfig, int, int]:
+    """The crops' settings, count and seed: the recipe's (with the run's overrides) for a replay cache,
+    where ``--views`` / ``--seed`` may name what the recipe leaves open but not contradict it; defaults for
+    maps (only mean and std are used)."""
     if not args.recipe:
-        raise ValueError("--views needs --recipe: the training recipe whose augmentation cuts the crops")
+        if args.override:
+            raise ValueError("--override needs --recipe: the training run whose augmentation cuts the crops")
+        if args.views:
+            raise ValueError("--views needs --recipe: the training recipe whose augmentation cuts the crops")
+        return AugmentConfig(), 0, args.seed or 0
     from trainer import recipes
     from trainer.overrides import apply_overrides
 
-    return apply_overrides(recipes.get(args.recipe), args.override).data.augment
-
-
-def _resolution(args: argparse.Namespace, augment: AugmentConfig) -> int:
-    if args.views:
-        return args.resolution or augment.image_size
-    return args.resolution or 224
+    augment = apply_overrides(recipes.get(args.recipe), args.override).data.augment
+    views = augment.replay_views if args.views is None else args.views
+    seed = augment.replay_seed if args.seed is None else args.seed
+    for flag, given, key, run in (("--views", views, "replay_views", augment.replay_views),
+                                  ("--seed", seed, "replay_seed", augment.replay_seed)):
+        if run and given != run:
+            raise ValueError(f"{flag} {given} contradicts the run's data.augment.{key}={run}: drop one")
+    if not views:
+        raise ValueError("--recipe and --override choose a replay cache's crops: pass --views N too")
+    return augment, views, seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             from teacher_cache.build import CacheBuildConfig, build_cache
 
             options = parse_storage_options(args.storage_options)
-            augment = _augment(args)
+            augment, views, seed = _augment(args)
+            resolution = args.resolution or (augment.image_size if views else 224)
             info = build_cache(CacheBuildConfig(
                 shards=Location(args.shards, options), out=Location(args.out, options), split=args.split,
-                teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, _resolution(args, augment)),
+                teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, resolution),
                 topk=args.topk, batch_size=args.batch, workers=args.workers, overwrite=args.overwrite,
-                augment=augment, views=args.views, seed=args.seed))
+                augment=augment, views=views, seed=seed))
             kind = (f"{info['views']['count']} replayed crops (seed {info['views']['seed']})" if info.get("views")
                     else f"map {info['map']['height']}x{info['map']['width']}")
             print(f"teacher cache: {info['num_samples']} images, {info['bytes_per_image']} bytes/image, "

@@ -3,6 +3,7 @@ run, whose teacher outputs the cache holds exactly (issue 4's second design)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,9 +107,14 @@ def test_replay_cache_holds_the_teachers_output_on_each_crop_the_loader_replays(
         TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, replay_views=0))
     with pytest.raises(CacheMismatch, match="seed=3.*augment.replay_seed=4"):
         TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, replay_seed=4))
-    with pytest.raises(CacheMismatch, match="scale=.*augment.scale="):
-        TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, scale=(0.5, 1.0)))
-    with pytest.raises(CacheMismatch, match="crops.*--overwrite"):
+    cut = {"scale": (0.5, 1.0)} if crop == "rrc" else {"crop_pad": 2}  # a field that cuts this crop mode's crops
+    with pytest.raises(CacheMismatch, match=f"{next(iter(cut))}=.*augment.{next(iter(cut))}="):
+        TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, **cut))
+    with pytest.raises(CacheMismatch, match="std="):  # the teacher saw its crops normalised with other constants
+        TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, std=(0.5, 0.5, 0.5)))
+    other_mode = {"crop_pad": 2} if crop == "rrc" else {"scale": (0.5, 1.0)}  # does not cut this mode's crops
+    TeacherCache(cfg.out, shards, teacher.identity, augment=replace(augment, **other_mode))
+    with pytest.raises(CacheMismatch, match="crop.*--overwrite"):
         build_cache(replace(cfg, seed=4))
     with pytest.raises(ValueError, match="replay_views=2 is fewer than stream.repeats=3"):
         TrainLoader(shards, replace(data, augment=replace(augment, replay_views=2)))
@@ -126,6 +132,12 @@ def test_replay_cache_holds_the_teachers_output_on_each_crop_the_loader_replays(
     assert torch.equal(cached_teacher(online, b, MixParams(1.0, None)), cached)
     with pytest.raises(CacheMismatch, match="replay_views=5"):
         build_teacher(apply_overrides(run, ["data.augment.replay_views=0"]), torch.device("cpu"), shards)
+    stored = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert stored["version"] == 2 and stored["build"]["devices"] == ["cpu"]
+    stored["views"]["algorithm"] = 0  # built by code that drew its crops another way
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(stored))
+    with pytest.raises(CacheMismatch, match="version 0 of the crop drawing.*rebuild"):
+        TeacherCache(cfg.out, shards, teacher.identity, augment=augment)
 
 
 @pytest.mark.dali
@@ -139,6 +151,7 @@ def test_a_map_cache_is_refused_to_a_run_that_replays_crops_and_kept_for_a_run_t
     cfg = CacheBuildConfig(shards=shards.location, out=Location(str(tmp_path / "maps")),
                            teacher=TeacherSpec("resnet10t", weights, 10, 32), topk=4, workers=0)
     assert build_cache(cfg)["views"] is None
+    assert json.loads((tmp_path / "maps" / "cache.json").read_text())["version"] == 1  # older code reads it too
     TeacherCache(cfg.out, shards, augment=AugmentConfig(image_size=32))
     with pytest.raises(CacheMismatch, match="holds logit maps, this run replays crops"):
         TeacherCache(cfg.out, shards, augment=AugmentConfig(image_size=32, replay_views=4))
@@ -160,8 +173,11 @@ def test_the_command_builds_a_replay_cache_with_the_recipes_crops(images, tmp_pa
     assert "--views needs --recipe" in caplog.text
     assert main([*base, "--recipe", "demo_deit_tiny"]) == 2
     assert "pass --views N too" in caplog.text
-    assert main([*base, "--views", "4", "--seed", "7", "--recipe", "demo_deit_tiny",
-                 "--override", "data.augment.scale=[0.5,1.0]"]) == 0
+    run = ["--recipe", "demo_deit_tiny", "--override", "data.augment.scale=[0.5,1.0]", "data.augment.replay_views=4",
+           "data.augment.replay_seed=7"]
+    assert main([*base, *run, "--views", "5"]) == 2
+    assert "--views 5 contradicts the run's data.augment.replay_views=4" in caplog.text
+    assert main([*base, *run]) == 0  # count and seed from the run's own settings
     assert "4 replayed crops (seed 7) top-10" in capsys.readouterr().out
     views = read_info(Location(str(tmp_path / "cache")))["views"]
     assert views["count"] == 4 and views["seed"] == 7 and views["scale"] == [0.5, 1.0]

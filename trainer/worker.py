@@ -542,9 +542,10 @@ def synthetic_batches(config: TrainConfig, device: torch.device, images_per_step
     keys = [f"synthetic-{r}" for r in rows]
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n * k, 1)
     flips = torch.zeros(n * k, dtype=torch.int32)
+    view_ids = np.tile(np.arange(k), n) if config.data.augment.replay_views else None  # a replay cache's crops
     seed = config.data.stream.seed
     for step in itertools.count(start_step):
-        yield Batch(views, labels, keys, boxes, flips, step, batch_rng(seed, rank, step), rows)
+        yield Batch(views, labels, keys, boxes, flips, step, batch_rng(seed, rank, step), rows, view_ids)
 
 
 def _bench_timing(p: Parts, timer: _Timer) -> dict[str, float]:
