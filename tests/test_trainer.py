@@ -369,8 +369,8 @@ def test_worker_killed_mid_epoch_resumes_on_the_same_samples(reference: Ran, tmp
 
 @dali
 def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teacher_file: str, local_ray: Any) -> None:
-    """A cache built with `teacher-cache build` feeds the distillation head; a cache of another teacher is
-    refused before any worker starts."""
+    """A cache built with `teacher-cache build` (logit maps, or a replay cache of the run's crops) feeds the
+    distillation head; a cache of another teacher, or of other crops, is refused before any worker starts."""
     from pipeline.storage import Location
     from teacher_cache.build import CacheBuildConfig, build_cache
     from teacher_cache.cache import CacheMismatch
@@ -395,6 +395,19 @@ def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teache
             name="refused")
     with pytest.raises(CacheMismatch, match="resolution=64, this run asks for 32"):
         run(apply_overrides(config, ["distill.teacher.img_size=32"]), storage_path=str(tmp_path / "s3"), name="res")
+    # a replay cache of the run's own crops: the distillation head learns the teacher's outputs on them
+    replay = str(tmp_path / "replay")
+    replayed = apply_overrides(config, [f"distill.cache_url={replay}", "distill.teacher.img_size=32",
+                                        "data.augment.replay_views=4", "data.augment.replay_seed=1"])
+    build_cache(CacheBuildConfig(shards=Location(digits), out=Location(replay), topk=4, workers=0, views=4, seed=1,
+                                 augment=replayed.data.augment, teacher=TeacherSpec("resnet10t", teacher_file, 10, 32)))
+    result = run(replayed, storage_path=str(tmp_path / "s4"), name="replayed", max_failures=0,
+                 options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1))
+    summary = result.return_value
+    assert summary["step"] == 400 // 64 and all(h["loss_distill"] > 0 for h in summary["history"])
+    with pytest.raises(CacheMismatch, match="holds logit maps, this run replays crops"):
+        run(apply_overrides(replayed, [f"distill.cache_url={cache}", "distill.teacher.img_size=64"]),
+            storage_path=str(tmp_path / "s5"), name="maps")
 
 
 @dali

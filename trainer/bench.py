@@ -321,9 +321,10 @@ def _random_teacher_cache(config: TrainConfig, shards_url: str, weights: str, ou
 
     t = config.distill.teacher
     log.info("trainer bench: building a teacher cache (%s, random weights) over %s", t.name, shards_url)
-    build_cache(CacheBuildConfig(shards=Location(shards_url), out=Location(str(out)), augment=config.data.augment,
+    augment = config.data.augment  # a recipe that replays crops gets a replay cache of them
+    build_cache(CacheBuildConfig(shards=Location(shards_url), out=Location(str(out)), augment=augment,
                                  teacher=TeacherSpec(t.name, weights, config.model.num_classes, t.img_size),
-                                 workers=workers))
+                                 workers=workers, views=augment.replay_views, seed=augment.replay_seed))
     return str(out)
 
 
