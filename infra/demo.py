@@ -7,7 +7,7 @@
    distillation, each through Ray Train with 2 workers (CPU when there is no GPU); ``--students
    cache,replay,online`` compares the teacher's three sources, ``--data mosaic`` on images whose crops
    can change the label;
-5. everything logged to one MLflow store; prints the three accuracies and how to open the MLflow UI.
+5. everything logged to one MLflow store; prints the accuracies and how to open the MLflow UI.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ STUDENTS = {  # distilled students besides the plain one: row name, teacher sour
     "replay": "distilled (replay cache)",
     "online": "distilled (online teacher)",
 }
-MOSAIC = ["data.augment.image_size=64", "model.img_size=64", "data.augment.scale=[0.08,1.0]"]  # demo: 64 px,
-MOSAIC_STUDENT = ["model.patch_size=8", "distill.teacher.img_size=64"]  # the RRC's full range, 8x8 patches
+# demo: the mosaic at 64 px with the random resized crop's full range (small crops are where labels change);
+# the student keeps the digits' 8 x 8 = 64 patches
+MOSAIC = ["data.augment.image_size=64", "model.img_size=64", "data.augment.scale=[0.08,1.0]"]
+MOSAIC_STUDENT = ["model.patch_size=8", "distill.teacher.img_size=64"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="distilled students to train beside the plain one, comma-separated: cache (logit "
                              "maps), replay (a replay cache of the students' own crops, one per epoch), online "
                              "(default: cache)")
+    parser.add_argument("--seed", type=int, help="the runs' seed (runtime.seed, data.stream.seed; default: the "
+                                                 "recipes')")
     args = parser.parse_args(argv)
-    students = [s for s in args.students.split(",") if s]
+    students = list(dict.fromkeys(s for s in args.students.split(",") if s))  # in order, each once
     if not students or any(s not in STUDENTS for s in students):
         parser.error(f"--students {args.students!r}: choose from {', '.join(STUDENTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         build_shards(BuildConfig(src=str(out / "images"), dst=Location(shards), split=split, shard_bytes=1_000_000))
     log.info("step 2/5: shards in %s", shards)
     common = [f"data.train_url={shards}", f"data.val_url={shards}", f"tracking.tracking_uri={tracking}",
-              "tracking.experiment=distillery-demo", *_device_overrides(), *data]
+              "tracking.experiment=distillery-demo", *_device_overrides(), *data,
+              *([] if args.seed is None else [f"runtime.seed={args.seed}", f"data.stream.seed={args.seed}"])]
     runs = out / "runs"
     teacher = _train("demo_teacher", [*common, f"schedule.epochs={epochs['teacher']}", "tracking.run_name=teacher"],
                      runs, "teacher")
@@ -103,27 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     spec = TeacherSpec("resnet10t", str(runs / "teacher"), 10, size)
     student = [*common, *student_data, f"schedule.epochs={epochs['student']}"]
     distill = [f"distill.teacher.pretrained_path={runs / 'teacher'}"]
-    caches = {}
+    folders = {"cache": out / "teacher-cache", "replay": out / "teacher-replay"}
+    sources = {"online": ["distill.source=online"]}
     if "cache" in students:
-        caches["cache"] = [f"distill.cache_url={out / 'teacher-cache'}"]
-        build_cache(CacheBuildConfig(shards=Location(shards), out=Location(str(out / "teacher-cache")), topk=5,
+        sources["cache"] = ["distill.source=cache", f"distill.cache_url={folders['cache']}"]
+        build_cache(CacheBuildConfig(shards=Location(shards), out=Location(str(folders["cache"])), topk=5,
                                      overwrite=True, teacher=spec))
     if "replay" in students:  # the crops the students cut, as many per image as they see in training
         views = epochs["student"]
-        replay = [f"distill.cache_url={out / 'teacher-replay'}", f"data.augment.replay_views={views}"]
-        augment = apply_overrides(recipes.get("demo_deit_tiny_distill"), [*student, *replay]).data.augment
-        caches["replay"] = replay
-        build_cache(CacheBuildConfig(shards=Location(shards), out=Location(str(out / "teacher-replay")), topk=5,
-                                     overwrite=True, teacher=spec, augment=augment, views=views, batch_size=256))
-    log.info("step 4/5: teacher cache%s in %s", "s" if len(caches) > 1 else "", out)
+        sources["replay"] = ["distill.source=cache", f"distill.cache_url={folders['replay']}",
+                             f"data.augment.replay_views={views}"]
+        augment = apply_overrides(recipes.get("demo_deit_tiny_distill"), [*student, *sources["replay"]]).data.augment
+        build_cache(CacheBuildConfig(shards=Location(shards), out=Location(str(folders["replay"])), topk=5,
+                                     overwrite=True, teacher=spec, augment=augment, views=views,
+                                     seed=augment.replay_seed, batch_size=256))
+    log.info("step 4/5: teacher cache: %s",
+             ", ".join(str(folders[n]) for n in students if n in folders) or "none (the teacher runs online)")
     rows = [("teacher (resnet10t)", _top1(teacher))]
     plain = _train("demo_deit_tiny", [*student, "tracking.run_name=student"], runs, "student")
     rows.append(("student DeiT-tiny, no distillation", _top1(plain)))
     for name in students:
-        source = ["distill.source=online"] if name == "online" else ["distill.source=cache", *caches[name]]
         run_name = "student-distilled" if name == "cache" else f"student-distilled-{name}"
-        result = _train("demo_deit_tiny_distill", [*student, *source, *distill, f"tracking.run_name={run_name}"],
-                        runs, run_name)
+        result = _train("demo_deit_tiny_distill", [*student, *sources[name], *distill,
+                                                   f"tracking.run_name={run_name}"], runs, run_name)
         rows.append((f"student DeiT-tiny, {STUDENTS[name]}", _top1(result, "fused_top1")))
     log.info("step 5/5: students trained")
     print(f"\ndistillery demo: scikit-learn digits{' with a distractor (mosaic)' if args.data == 'mosaic' else ''}, "

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--storage-options", metavar="JSON", help="fsspec options for --shards and --out")
     bench = sub.add_parser("bench", help="agreement with the online teacher, bytes per image, step rates")
-    bench.add_argument("--shards", help="shards URL (default: scikit-learn digits, built on the spot)")
+    bench.add_argument("--shards", help="shards URL (default: the --data set, generated on the spot)")
     bench.add_argument("--teacher", default="resnet10t")
     bench.add_argument("--weights", help="teacher weights (default: train a small one on the shards)")
     bench.add_argument("--resolution", type=int, help="cache resolution (default: --size)")
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--teacher-steps", type=int, default=300)
     bench.add_argument("--data", choices=("digits", "mosaic"), default="digits",
-                       help="the generated set without --shards: digits, or mosaic (a small distractor digit of "
-                            "another class in each image: the crop changes the label)")
+                       help="the set generated when no --shards is given: digits, or mosaic (a small digit of "
+                            "another class in each image: a crop can change the label)")
     bench.add_argument("--size", type=int, help="side of the generated images and of the train views "
                                                 "(default 32 for digits, 64 for mosaic)")
     return parser

@@ -182,3 +182,18 @@ def test_the_command_builds_a_replay_cache_with_the_recipes_crops(images, tmp_pa
     views = read_info(Location(str(tmp_path / "cache")))["views"]
     assert views["count"] == 4 and views["seed"] == 7 and views["scale"] == [0.5, 1.0]
     assert views["image_size"] == 32  # the recipe's crop size, the teacher's resolution
+
+
+@pytest.mark.dali
+def test_the_trainer_bench_builds_a_replay_cache_for_a_recipe_that_replays(images, tmp_path: Path) -> None:
+    from teacher_cache.cache import TeacherCache
+    from trainer import recipes
+    from trainer.bench import _random_teacher_cache
+    from trainer.overrides import apply_overrides
+
+    shards, weights = images
+    config = apply_overrides(recipes.get("demo_deit_tiny_distill"), ["data.augment.replay_views=3",
+                                                                      "data.augment.replay_seed=2"])
+    out = _random_teacher_cache(config, shards.location.url, weights, tmp_path / "cache", workers=0)
+    cache = TeacherCache(Location(out), shards, augment=config.data.augment)  # the run's crops, or refused
+    assert cache.views["count"] == 3 and cache.views["seed"] == 2

@@ -314,7 +314,8 @@ def random_teacher_weights(config: TrainConfig, path: Path) -> str:
 
 def _random_teacher_cache(config: TrainConfig, shards_url: str, weights: str, out: Path,
                           workers: int | None = None) -> str:
-    """A teacher cache of ``weights`` over the shards (``workers=0``: in this process, without Ray)."""
+    """A teacher cache of ``weights`` over the shards (``workers=0``: in this process, without Ray): a replay
+    cache of the recipe's crops when it replays them (``data.augment.replay_views``), else logit maps."""
     from pipeline.storage import Location
     from teacher_cache.build import CacheBuildConfig, build_cache
     from teacher_cache.teacher import TeacherSpec
