@@ -41,6 +41,8 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
         for repeats in (3, 1):
             assert f"| full pipeline | deit_s_distill, {source} teacher, x{repeats} |" in table
     assert "| peers | deit_b_distill, online teacher, timm+PIL |" in table
+    assert re.search(r"^\| full pipeline \| deit_s_distill, replay cache teacher, x3 \| [\d,]+ \| [\d.]+% \|.*"
+                     r"its cache of 6 crops per image built in", table, re.M), "the replay row ran"
     assert table.count("| DALI alone |") == 4 and table.count("| batch augmentation | RandAugment alone") == 3
     assert "full pipeline (cache, x3) / model only" in table
     assert "| batch augmentation | DALI stock rand_augment n=2 m=9 (baseline) | " in table

@@ -17,7 +17,9 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    with ``teacher-cache build --workers 0``) and with the online one.
    The first model's cached x3 row again with the student compiled (``--compile`` not empty), after
    the DALI rows. Before them, the teacher cache build (``--workers 0``) timed over the generated images, and the
-   teacher's bf16 forward alone at the build's batch (issue 4: build >= 0.90 x inference).
+   teacher's bf16 forward alone at the build's batch (issue 4: build >= 0.90 x inference). Late in
+   the run, the first model's x3 row with a replay cache of its own crops (``REPLAY_VIEWS`` per image;
+   the note gives the replay build's rate).
 3. **peers**: timm's ``create_transform`` with PIL in a torch DataLoader (one worker process per core)
    reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
 4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
@@ -360,6 +362,26 @@ def _pipeline_row(s: Settings, device: torch.device, base: TrainConfig, name: st
                   f"shards ({store}) -> stream -> DALI -> batch aug -> teacher -> {'compiled ' * compile_model}step")
 
 
+REPLAY_VIEWS = 6  # crops per image of the replay row's cache: its build costs that many teacher passes an image
+
+
+def _replay_row(s: Settings, device: torch.device, base: TrainConfig, name: str, weights: str, shards_url: str,
+                shards, out: Path) -> GpuRow:
+    """The full pipeline (x3) with a replay cache of the run's own crops: its build (R teacher passes per
+    image, start-up included) and then the step rate, whose lookup reads one stored cell a view."""
+    from trainer.bench import _random_teacher_cache
+    from trainer.overrides import apply_overrides
+
+    replayed = apply_overrides(base, [f"data.augment.replay_views={REPLAY_VIEWS}"])
+    started = time.perf_counter()
+    cache = _random_teacher_cache(replayed, shards_url, weights, out, workers=0)
+    seconds = time.perf_counter() - started
+    row = _pipeline_row(s, device, replayed, name, weights, cache, "cache", 3, shards)
+    return replace(row, name=f"{name}, replay cache teacher, x3",
+                   note=f"{row.note}; its cache of {REPLAY_VIEWS} crops per image built in {seconds:.1f} s "
+                        f"({s.images * REPLAY_VIEWS / seconds:.0f} views/s, start-up included)")
+
+
 def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, rows: _Rows,
               stack: contextlib.ExitStack) -> dict[str, tuple]:
     """The full-pipeline and peers rows; returns each model's (recipe, () -> (teacher weights, cache), shards),
@@ -407,6 +429,10 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
                 rows.add("full pipeline", f"{name}, {source} teacher, x{repeats}",
                          lambda b=base, n=name, k=key, src=source, r=repeats: measure(b, n, *teachers[k], src, r),
                          priority=GOAL if (source, repeats) == ("cache", 3) else MORE)
+        if name == s.pipeline_models[0]:
+            rows.add("full pipeline", f"{name}, replay cache teacher, x3",
+                     lambda b=base, n=name, k=key: _replay_row(s, device, b, n, teachers[k][0], shards_url, shards,
+                                                               root / n / "replay"), priority=MORE)
         rows.add("peers", f"{name}, online teacher, timm+PIL",
                  lambda b=base, n=name, k=key: _peers(s, device, b, teachers[k][0], shards, n), priority=GOAL)
         if name == s.pipeline_models[0] and s.s3:
