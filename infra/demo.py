@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.build import BuildConfig, build_shards
-    from pipeline.demo import write_digits_tree, write_mosaic_tree
+    from pipeline.demo import IMAGE_SETS
     from pipeline.storage import Location
     from teacher_cache.build import CacheBuildConfig, build_cache
     from teacher_cache.teacher import TeacherSpec
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards_url or str(out / "shards")
     tracking = f"sqlite:///{out / 'mlflow.db'}"
     epochs = {"teacher": 4, "student": 9} if args.quick else {"teacher": 10, "student": 30}
-    size, data, student_data = (64, MOSAIC, MOSAIC_STUDENT) if args.data == "mosaic" else (32, [], [])
-    write_tree = write_mosaic_tree if args.data == "mosaic" else write_digits_tree
+    write_tree, size = IMAGE_SETS[args.data]
+    data, student_data = (MOSAIC, MOSAIC_STUDENT) if args.data == "mosaic" else ([], [])
     counts = write_tree(out / "images", size=size)
     log.info("step 1/5: %s real digit images as JPEGs in %s", counts, out / "images")
     for split in ("train", "val"):

@@ -73,3 +73,6 @@ def write_mosaic_tree(root: str | Path, size: int = 64, val_fraction: float = 0.
             Image.fromarray(canvas, "L").convert("RGB").save(folder / f"{i:04d}.JPEG", "JPEG", quality=95)
             counts[split] += 1
     return counts
+
+
+IMAGE_SETS = {"digits": (write_digits_tree, 32), "mosaic": (write_mosaic_tree, 64)}  # name -> (writer, side)

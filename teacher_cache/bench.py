@@ -25,7 +25,7 @@ import torch
 from pipeline.batch_aug import BatchAugment, normalize
 from pipeline.build import BuildConfig, build_shards
 from pipeline.config import AugmentConfig, DataConfig, MixConfig, StreamConfig
-from pipeline.demo import write_digits_tree, write_mosaic_tree
+from pipeline.demo import IMAGE_SETS
 from pipeline.loader import TrainLoader
 from pipeline.storage import Location
 from pipeline.stream import ShardSet
@@ -36,7 +36,6 @@ from teacher_cache.teacher import Teacher, TeacherSpec
 
 log = logging.getLogger(__name__)
 
-DATA = {"digits": (write_digits_tree, 32), "mosaic": (write_mosaic_tree, 64)}  # generator, default side
 
 
 def train_small_teacher(shards: ShardSet, name: str, size: int, steps: int, path: str, device: str) -> None:
@@ -149,9 +148,9 @@ def bench(shards_url: str | None = None, teacher_name: str = "resnet10t", weight
     """``data``: the generated set when no ``shards_url`` is given ("digits", or "mosaic": digits with a
     small distractor of another class, where the crop changes the label); ``size``: its side and the train
     views' (default 32 for digits, 64 for mosaic)."""
-    if data not in DATA:
-        raise ValueError(f"data={data!r}: choose one of {', '.join(DATA)}")
-    write_tree, default_size = DATA[data]
+    if data not in IMAGE_SETS:
+        raise ValueError(f"data={data!r}: choose one of {', '.join(IMAGE_SETS)}")
+    write_tree, default_size = IMAGE_SETS[data]
     size = size or default_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     resolution = resolution or size  # the teacher sees whole images at the scale it was trained on

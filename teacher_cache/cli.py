@@ -64,7 +64,7 @@ def _augment(args: argparse.Namespace) -> tuple[AugmentConfig, int, int]:
             raise ValueError("--override needs --recipe: the training run whose augmentation cuts the crops")
         if args.views:
             raise ValueError("--views needs --recipe: the training recipe whose augmentation cuts the crops")
-        return AugmentConfig(), 0, args.seed or 0
+        return AugmentConfig(), 0, 0  # a map cache: no crops, no seed
     from trainer import recipes
     from trainer.overrides import apply_overrides
 
