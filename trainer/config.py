@@ -64,6 +64,8 @@ REGNETY_160_URL = "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth"
 # it); convnets (resnet, regnet) are resolution-agnostic and reject the keyword.
 _PATCH_FAMILIES = ("vit_", "deit", "cait_", "resmlp_")
 # A pretrained checkpoint is a file (local path or URL), never a model-hub download.
+# ModelConfig.talking_heads: the implementations of CaiT's attention ("sdpa": trainer.talking_heads)
+TALKING_HEADS = ("timm", "sdpa")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "hf://", "timm/")
 
 
@@ -103,6 +105,9 @@ class ModelConfig:
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
+    # CaiT's talking-heads attention: "timm" (timm's TalkingHeadAttn, five passes over B x H x N x N) or
+    # "sdpa" (the same function through one fused attention call, trainer.talking_heads; same parameters).
+    talking_heads: str = "timm"
 
     @property
     def is_patch_model(self) -> bool:
@@ -159,6 +164,12 @@ class ModelConfig:
                 for block in model.blocks:
                     block.ls1.fill_(self.layer_scale_init)
                     block.ls2.fill_(self.layer_scale_init)
+        if self.talking_heads == "sdpa":
+            from trainer.talking_heads import use_sdpa_talking_heads
+
+            if not use_sdpa_talking_heads(model):
+                raise ConfigError([f"talking_heads='sdpa' but {self.name!r} has no talking-heads attention "
+                                   "(timm's TalkingHeadAttn, CaiT's): set talking_heads=timm"])
         return model
 
 
@@ -409,6 +420,11 @@ def _model_problems(m: ModelConfig, at: str) -> list[str]:
         out.append(f"{at}.patch_size={m.patch_size} does not divide {at}.img_size={m.img_size}: pick a divisor")
     if m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
         out.append(f"{at}.embed_dim={m.embed_dim} is not divisible by {at}.num_heads={m.num_heads}")
+    if m.talking_heads not in TALKING_HEADS:
+        out.append(f"{at}.talking_heads={m.talking_heads!r}: must be one of {', '.join(TALKING_HEADS)}")
+    elif m.talking_heads != "timm" and not m.name.startswith("cait_"):
+        out.append(f"{at}.talking_heads={m.talking_heads!r} but {at}.name={m.name!r} is not a CaiT (only CaiT has "
+                   f"talking-heads attention): set {at}.talking_heads=timm")
     has_token = "distilled" in m.name
     if m.distilled and not has_token:
         out.append(
