@@ -37,6 +37,10 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     table = proc.stdout
     for model in MODELS:
         assert re.search(rf"^\| model only \| {model} \| [\d,]+ \|", table, re.M), model
+    for model in ("cait_xxs24", "cait_s24"):  # CaiT's attention through the fused call, and its ratio
+        assert re.search(rf"^\| model only \| {model}, sdpa talking heads \| [\d,]+ \|", table, re.M), model
+        assert re.search(rf"^\| {model}: sdpa talking heads, eager / timm eager step \| [\d.]+ \| 2\.00 \|",
+                         table, re.M)
     for source in ("cache", "online"):
         for repeats in (3, 1):
             assert f"| full pipeline | deit_s_distill, {source} teacher, x{repeats} |" in table
@@ -77,6 +81,8 @@ def test_peaks_and_verdicts() -> None:
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("Some GPU") is None
     rows = [GpuRow("model only", "deit_s_distill", 5000.0, 0.0), GpuRow("model only", "cait_s24", 700.0),
             GpuRow("model only", "cait_s24 compiled", 1500.0),
+            GpuRow("model only", "cait_s24, sdpa talking heads", 1050.0),
+            GpuRow("model only", "cait_s24, sdpa talking heads compiled", 2100.0),
             GpuRow("full pipeline", "deit_s_distill, cache teacher, x3", 4800.0, 0.02),
             GpuRow("peers", "deit_s_distill, online teacher, timm+PIL", 2000.0, 0.3)]
     text = "\n".join(verdicts(rows))
@@ -85,6 +91,8 @@ def test_peaks_and_verdicts() -> None:
     assert re.search(r"/ model only \| 0\.96 \| 0\.95 \| met \|", text)
     assert re.search(r"/ peers' stack \| 2\.40 \| - \| - \|", text)
     assert re.search(r"cait_s24: compiled / timm eager step \| 2\.14 \| 2\.00 \| met \|", text)
+    assert re.search(r"cait_s24: sdpa talking heads, eager / timm eager step \| 1\.50 \| 2\.00 \| missed \|", text)
+    assert re.search(r"cait_s24: sdpa talking heads, compiled / timm eager step \| 3\.00 \| 2\.00 \| met \|", text)
     assert "deit_b_distill" not in text, "no row, no verdict"
     slow = verdicts([GpuRow("full pipeline", "deit_b_distill, cache teacher, x3", 2000.0, 0.2)])
     assert any("2,000 | 3,000 | missed" in line for line in slow)

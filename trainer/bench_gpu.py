@@ -11,7 +11,9 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    batch kept on the device and the recipe's whole step (batch augmentation, forward, loss, backward,
    optimizer; a distilled model gets constant teacher logits): img/s, MFU (the step's FLOPs counted by
    torch's ``FlopCounterMode``, against the device's dense bf16 peak) and peak memory; eager, and for the
-   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d.
+   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d. The CaiTs again
+   with ``model.talking_heads=sdpa`` (their talking-heads attention through one fused attention call,
+   ``trainer.talking_heads``), eager and compiled: the CaiT goal is a step >= 2x timm's eager one.
 2. **full pipeline**, DeiT-S and DeiT-B distilled: shards on local disk -> stream -> DALI -> batch
    augmentation -> teacher -> step, repeats 3 and 1, with the cached teacher (RegNetY-16GF, built here
    with ``teacher-cache build --workers 0``) and with the online one.
@@ -232,38 +234,58 @@ class _Rows:
         return row
 
 
+SDPA_TALKING_HEADS = ", sdpa talking heads"  # a CaiT row's suffix with model.talking_heads=sdpa
+
+
 def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool,
                 flops: dict[str, float]) -> None:
-    """``flops``: FLOPs per view by model, counted once on the eager step and shared with the compiled pass."""
+    """``flops``: FLOPs per view by model, counted once on the eager step with timm's layers and shared with
+    the compiled and the fused-attention rows (MFU counts the model's work, not the fused path's extra)."""
     from trainer.worker import local_parts
 
-    def measure(name: str, compile_model: bool) -> GpuRow:
-        config, p, teacher, batches = _model_parts(name, s, device, compile_model)
-        if name not in flops:  # counted on the eager step (the same mathematics compiled)
-            eager = p if not compile_model else local_parts(config, device, teacher)
+    def measure(name: str, compile_model: bool, talking_heads: str) -> GpuRow:
+        config, p, teacher, batches = _model_parts(name, s, device, compile_model, talking_heads)
+        if name not in flops:  # counted on the eager step of timm's layers (the same mathematics compiled)
+            eager = p if not compile_model and talking_heads == "timm" else local_parts(_recipe(name, s), device,
+                                                                                         teacher)
             flops[name] = _step_flops(eager, next(batches))
             del eager
         rate, wait, mem = _time(p, batches, s)
         _free(device)
         mfu = rate * flops[name] / peak if peak else None
-        return GpuRow("model only", f"{name}{' compiled' if compile_model else ''}", rate, wait, mfu, mem,
+        return GpuRow("model only", _model_row(name, compile_model, talking_heads), rate, wait, mfu, mem,
                       f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)")
 
     for name in (m for m in s.models if not compiled or m in s.compiled):
-        if compiled:  # the CaiT goal is compiled / eager
-            priority = COMPILED if name.startswith("cait") else LAST
-        else:  # the baselines of the goals' ratios
-            priority = GOAL if name in s.pipeline_models or name.startswith("cait") or name == "deit_s" else MORE
-        rows.add("model only", f"{name}{' compiled' if compiled else ''}", lambda n=name: measure(n, compiled),
-                 min_seconds=COMPILE_SECONDS if compiled else 0.0, priority=priority)
+        # CaiT's talking-heads attention also through the fused call (trainer.talking_heads): the CaiT goal
+        # is a step >= 2x timm's eager one, by compiling, by the fused path, or both
+        for talking_heads in ("timm", "sdpa") if name.startswith("cait") else ("timm",):
+            if compiled:  # the CaiT goal is compiled / eager
+                priority = COMPILED if name.startswith("cait") else LAST
+                priority = MORE if talking_heads == "sdpa" else priority
+            elif talking_heads == "sdpa":
+                priority = COMPILED
+            else:  # the baselines of the goals' ratios
+                priority = GOAL if name in s.pipeline_models or name.startswith("cait") or name == "deit_s" else MORE
+            rows.add("model only", _model_row(name, compiled, talking_heads),
+                     lambda n=name, t=talking_heads: measure(n, compiled, t),
+                     min_seconds=COMPILE_SECONDS if compiled else 0.0, priority=priority)
 
 
-def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False):
+def _model_row(name: str, compiled: bool, talking_heads: str = "timm") -> str:
+    return f"{name}{SDPA_TALKING_HEADS if talking_heads == 'sdpa' else ''}{' compiled' if compiled else ''}"
+
+
+def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False,
+                 talking_heads: str = "timm"):
     """(config, parts, teacher, batches) of a model-only row: the recipe's step on one random batch kept on
     the device; a distilled model gets constant teacher logits."""
+    from trainer.overrides import apply_overrides
     from trainer.worker import _ConstantTeacher, local_parts
 
     config = _recipe(name, s)
+    if talking_heads != "timm":
+        config = apply_overrides(config, [f"model.talking_heads={talking_heads}"])
     teacher = None
     if config.distill.kind != "none":
         views = len(next(_synthetic(config, device)).keys)
@@ -848,9 +870,12 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
         if alone is not None:
             line(f"{build.name} / its bf16 inference alone (issue 4)", build.views_per_s / alone.views_per_s, 0.90)
     for name in ("cait_xxs24", "cait_s24"):
-        eager, compiled = by_name.get(name), by_name.get(f"{name} compiled")
-        if eager is not None and compiled is not None:
-            line(f"{name}: compiled / timm eager step", compiled.views_per_s / eager.views_per_s, 2.0)
+        eager = by_name.get(name)
+        for fast, what in ((f"{name} compiled", "compiled"),
+                           (f"{name}{SDPA_TALKING_HEADS}", "sdpa talking heads, eager"),
+                           (f"{name}{SDPA_TALKING_HEADS} compiled", "sdpa talking heads, compiled")):
+            if eager is not None and fast in by_name:
+                line(f"{name}: {what} / timm eager step", by_name[fast].views_per_s / eager.views_per_s, 2.0)
     for name in {r.name.split(", ")[0] for r in rows if r.section == "checkpoints"}:
         model = by_name.get(name)
         for background, label in GPU_CHECKPOINT_LABELS.items():
