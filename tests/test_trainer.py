@@ -479,6 +479,36 @@ def test_remote_teacher_logits_equal_the_online_teachers(teacher_file: str, loca
     assert not remote._pending
 
 
+def test_remote_teacher_submit_does_not_wait_for_the_send() -> None:
+    """The copy to host memory and Ray's serialisation happen on the sender thread, in submission order:
+    ``submit`` returns while the send of its batch is still blocked (a stand-in actor handle holds it)."""
+    import threading
+
+    from trainer.remote_teacher import RemoteTeacher
+
+    release, sent = threading.Event(), []
+
+    class Method:
+        def remote(self, x: torch.Tensor) -> str:
+            assert threading.current_thread() is not threading.main_thread()
+            release.wait(timeout=30)
+            sent.append(x)
+            return f"ref-{len(sent)}"
+
+    class Actor:
+        logits = Method()
+
+    remote = RemoteTeacher(Actor(), torch.bfloat16)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    for step, x in enumerate(batches):
+        remote.submit(x, step)  # returns although the first send is blocked
+    assert not sent and all(not f.done() for f in remote._pending.values())
+    release.set()
+    assert [remote._pending[s].result(timeout=30) for s in range(3)] == ["ref-1", "ref-2", "ref-3"]
+    assert [t.dtype for t in sent] == [torch.bfloat16] * 3  # cast to the transport dtype, on host
+    assert all(torch.equal(t, x.to(torch.bfloat16)) for t, x in zip(sent, batches, strict=True))  # in order
+
+
 @dali
 @pytest.mark.slow
 def test_an_elastic_run_resumes_a_checkpoint_of_another_worker_count(reference: Ran, tmp_path: Path, digits: str,
