@@ -58,6 +58,7 @@ class CacheBuildConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # mean/std; with views, the crops' settings
     views: int = 0  # > 0: a replay cache, the teacher's outputs on this many fixed crops per image; 0: maps
     seed: int = 0  # with views: which crops (training runs replay them with augment.replay_seed)
+    compile: str | None = None  # torch.compile the teacher with this backend ("inductor"); None: eager
 
     def __post_init__(self) -> None:
         if self.views and self.teacher.resolution != self.augment.image_size:
@@ -207,7 +208,7 @@ class CacheWorker:
         logging.basicConfig(level=logging.INFO)
         self.cfg = cfg
         self.shards = ShardSet.open(cfg.shards, cfg.split)
-        self.teacher = Teacher(cfg.teacher, device)
+        self.teacher = Teacher(cfg.teacher, device, compile=cfg.compile)
         self.decode = ShardGraph.for_teacher(self.teacher, cfg)
 
     def identity(self) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="with --recipe: the training run's overrides (e.g. data.augment.scale=[0.35,1.0])")
     b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the teacher (default backend: inductor); a one-off cost per worker")
     b.add_argument("--storage-options", metavar="JSON", help="fsspec options for --shards and --out")
     bench = sub.add_parser("bench", help="agreement with the online teacher, bytes per image, step rates")
     bench.add_argument("--shards", help="shards URL (default: the --data set, generated on the spot)")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 shards=Location(args.shards, options), out=Location(args.out, options), split=args.split,
                 teacher=TeacherSpec(args.teacher, args.weights, args.num_classes, resolution),
                 topk=args.topk, batch_size=args.batch, workers=args.workers, overwrite=args.overwrite,
-                augment=augment, views=views, seed=seed))
+                augment=augment, views=views, seed=seed, compile=args.compile))
             kind = (f"{info['views']['count']} replayed crops (seed {info['views']['seed']})" if info.get("views")
                     else f"map {info['map']['height']}x{info['map']['width']}")
             print(f"teacher cache: {info['num_samples']} images, {info['bytes_per_image']} bytes/image, "

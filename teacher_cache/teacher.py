@@ -41,7 +41,9 @@ class TeacherError(ValueError):
 
 
 class Teacher:
-    def __init__(self, spec: TeacherSpec, device: str = "cpu"):
+    """``compile``: a ``torch.compile`` backend ("inductor") for the forward and the feature map, or None."""
+
+    def __init__(self, spec: TeacherSpec, device: str = "cpu", compile: str | None = None):  # noqa: A002
         import timm
 
         self.spec, self.device = spec, torch.device(device)
@@ -60,6 +62,12 @@ class Teacher:
         self.model.eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
+        # what logits() and logit_map() call: compiled once each when asked (a batch of another size, a
+        # shard's last one, recompiles once with a dynamic batch dimension, then serves every size)
+        self._forward, self._features = self.model, self.model.forward_features
+        if compile:
+            self._forward = torch.compile(self.model, backend=compile)
+            self._features = torch.compile(self.model.forward_features, backend=compile)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -76,7 +84,7 @@ class Teacher:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Online teacher: normalised views [B,3,H,W] -> logits [B,C] (fp32)."""
         with self._autocast():
-            return self.model(x.to(self.device, non_blocking=True)).float()
+            return self._forward(x.to(self.device, non_blocking=True)).float()
 
     def _no_map(self) -> TeacherError:
         return TeacherError(
@@ -97,7 +105,7 @@ class Teacher:
         """Normalised whole images [B,3,R,R] -> logits at every feature location [B,C,h,w] (fp32)."""
         head = self._linear_head()
         with self._autocast():
-            features = self.model.forward_features(x.to(self.device, non_blocking=True))
+            features = self._features(x.to(self.device, non_blocking=True))
         if features.ndim != 4:
             raise self._no_map()
         features = features.float()

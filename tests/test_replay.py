@@ -177,11 +177,15 @@ def test_the_command_builds_a_replay_cache_with_the_recipes_crops(images, tmp_pa
            "data.augment.replay_seed=7"]
     assert main([*base, *run, "--views", "5"]) == 2
     assert "--views 5 contradicts the run's data.augment.replay_views=4" in caplog.text
-    assert main([*base, *run]) == 0  # count and seed from the run's own settings
+    assert main([*base, *run, "--compile", "aot_eager"]) == 0  # count and seed from the run's own settings
     assert "4 replayed crops (seed 7) top-10" in capsys.readouterr().out
     views = read_info(Location(str(tmp_path / "cache")))["views"]
     assert views["count"] == 4 and views["seed"] == 7 and views["scale"] == [0.5, 1.0]
     assert views["image_size"] == 32  # the recipe's crop size, the teacher's resolution
+    from teacher_cache.cli import build_parser
+
+    assert build_parser().parse_args([*base, "--compile"]).compile == "inductor"  # the bare flag's backend
+    assert build_parser().parse_args(base).compile is None
 
 
 @pytest.mark.dali

@@ -196,6 +196,33 @@ def test_build_in_this_process_without_ray_writes_the_same_cache(digits, tmp_pat
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
 
 
+def test_a_compiled_teacher_builds_the_same_cache(digits, tmp_path: Path) -> None:
+    """``teacher-cache build --compile BACKEND``: the teacher's forward (replay caches) and feature map (map
+    caches) compiled, the same outputs and the same cache as eager (aot_eager here: no C++ compiler needed)."""
+    shards, weights = digits
+    spec = TeacherSpec("resnet10t", weights, 10, 32)
+    eager, compiled = Teacher(spec), Teacher(spec, compile="aot_eager")
+    for n in (8, 8, 5):  # a shard's smaller last batch recompiles and still answers
+        x = torch.randn(n, 3, 32, 32)
+        assert torch.allclose(compiled.logits(x), eager.logits(x), atol=1e-5)
+        assert torch.allclose(compiled.logit_map(x), eager.logit_map(x), atol=1e-5)
+    assert compiled.identity == eager.identity
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for backend in (None, "aot_eager"):
+        counters.clear()
+        build_cache(CacheBuildConfig(shards=shards.location, out=Location(str(tmp_path / str(backend))), topk=4,
+                                     workers=0, teacher=spec, compile=backend))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == 0 and graphs[1] > 0  # the build compiled its teacher only when asked
+    rows = np.arange(len(shards))
+    boxes = torch.tensor([[0.1, 0.2, 0.8, 0.7]]).repeat(len(rows), 1)
+    built = [TeacherCache(Location(str(tmp_path / str(backend))), shards) for backend in (None, "aot_eager")]
+    assert built[0].info == built[1].info
+    assert torch.allclose(built[1].logits(rows, boxes), built[0].logits(rows, boxes), atol=1e-3)
+
+
 @pytest.mark.parametrize("data", ["digits", "mosaic"])
 def test_bench_prints_agreement_by_crop_box_whole_image_and_replay_and_step_rates(data: str) -> None:
     """`teacher-cache bench` at toy size. Its teacher at 32 px has a 1 x 1 map (stride 32), which cannot

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from trainer import recipes
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.optim import build_optimizer, build_schedule, lr_at
 from trainer.overrides import apply_overrides
 from trainer.worker import RunOptions, decode, encode, loss_config
@@ -477,6 +477,26 @@ def test_remote_teacher_logits_equal_the_online_teachers(teacher_file: str, loca
     assert torch.allclose(remote(x, batch, None), expected, atol=1e-5)  # the one sent ahead for step 3
     assert torch.allclose(remote(x, None, None), expected, atol=1e-5)  # and one sent on the spot
     assert not remote._pending
+
+
+def test_a_compiled_online_teacher_gives_the_eager_teachers_logits(teacher_file: str) -> None:
+    """distill.compile_teacher (issue 4: the online teacher "optionally compiled"): the same teacher, weights
+    and identity, compiled with runtime.compile_backend (aot_eager here: no C++ compiler needed)."""
+    from trainer.worker import OnlineTeacher, build_teacher
+
+    config = apply_overrides(recipes.get("demo_deit_tiny_distill"), [f"distill.teacher.pretrained_path={teacher_file}",
+                                                                    "runtime.compile_backend=aot_eager"])
+    eager, eager_tags = build_teacher(config, torch.device("cpu"))
+    compiled, tags = build_teacher(apply_overrides(config, ["distill.compile_teacher=true"]), torch.device("cpu"))
+    assert isinstance(compiled, OnlineTeacher) and hasattr(compiled.model, "_orig_mod")
+    assert not hasattr(eager.model, "_orig_mod") and tags == eager_tags
+    for views in (6, 6, 4):  # a smaller last batch recompiles and still answers
+        x = torch.randn(views, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x, None, None), eager(x, None, None), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"distill\.compile_teacher=true but distill\.source=cache"):
+        apply_overrides(config, ["distill.compile_teacher=true", "distill.source=cache",
+                                 "distill.cache_url=/tmp/x"]).validate()
 
 
 def test_remote_teacher_submit_does_not_wait_for_the_send() -> None:

@@ -21,7 +21,8 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    the DALI rows. Before them, the teacher cache build (``--workers 0``) timed over the generated images, and the
    teacher's bf16 forward alone at the build's batch (issue 4: build >= 0.90 x inference). Late in
    the run, the first model's x3 row with a replay cache of its own crops (``REPLAY_VIEWS`` per image;
-   the note gives the replay build's rate).
+   the note gives the replay build's rate). Last of all, its online x3 row with the teacher compiled
+   (``distill.compile_teacher=true``; with ``--compile`` not empty).
 3. **peers**: timm's ``create_transform`` with PIL in a torch DataLoader (one worker process per core)
    reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
 4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
@@ -468,7 +469,10 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
 
 def _pipeline_compiled(s: Settings, device: torch.device, built: dict[str, tuple], rows: _Rows) -> None:
     """The first pipeline model's full pipeline (cached teacher, x3) with the student torch.compile'd
-    (``runtime.compile=true``): the trainer's fastest configuration, for the goal."""
+    (``runtime.compile=true``): the trainer's fastest configuration, for the goal; and, last, its online
+    x3 row with the teacher compiled (``distill.compile_teacher=true``)."""
+    from trainer.overrides import apply_overrides
+
     if not built:
         return
     name = next(iter(built))
@@ -476,6 +480,15 @@ def _pipeline_compiled(s: Settings, device: torch.device, built: dict[str, tuple
     rows.add("full pipeline", f"{name}, cache teacher, x3, compiled",
              lambda: _pipeline_row(s, device, base, name, *teacher(), "cache", 3, shards, compile_model=True),
              min_seconds=COMPILE_SECONDS, priority=COMPILED)
+
+    def online_compiled() -> GpuRow:  # distill.compile_teacher: what compiling buys the online teacher
+        row = _pipeline_row(s, device, apply_overrides(base, ["distill.compile_teacher=true"]), name, *teacher(),
+                            "online", 3, shards)
+        return replace(row, name=f"{name}, online teacher compiled, x3",
+                       note=row.note.replace("teacher ->", "compiled teacher ->"))
+
+    rows.add("full pipeline", f"{name}, online teacher compiled, x3", online_compiled, min_seconds=COMPILE_SECONDS,
+             priority=LAST)
 
 
 PROFILED_STEPS = 5
@@ -865,6 +878,11 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
             line(f"{name}: full pipeline (cache, x3) / model only", full.views_per_s / model.views_per_s, 0.95)
         if peer is not None:
             line(f"{name}: full pipeline (cache, x3) / peers' stack", full.views_per_s / peer.views_per_s, None)
+        online, online_compiled = by_name.get(f"{name}, online teacher, x3"), by_name.get(
+            f"{name}, online teacher compiled, x3")
+        if online is not None and online_compiled is not None:
+            line(f"{name}: online teacher compiled / eager (x3)", online_compiled.views_per_s / online.views_per_s,
+                 None)
     for build in (r for r in rows if r.section == "teacher" and r.name.endswith(" cache build") and r.views_per_s):
         alone = by_name.get(build.name.removesuffix(" cache build") + " bf16 inference alone")
         if alone is not None:

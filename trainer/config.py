@@ -250,6 +250,9 @@ class DistillConfig:
     # with source="remote": the online teacher in this many Ray actors (a GPU each when scaling.use_gpu),
     # shared by the run's workers, fed one step ahead (`trainer.remote_teacher`)
     remote_actors: int = 1
+    # torch.compile the online teacher (source=online, and each remote actor's) with runtime.compile_backend;
+    # a cache's teacher does not run in training (compile its build: `teacher-cache build --compile`)
+    compile_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -557,6 +560,10 @@ def _distill_problems(c: TrainConfig) -> list[str]:
     if d.kind != "none" and d.source == "cache" and not d.cache_url:
         out.append("distill.cache_url is empty: with distill.source=cache, point it at a `teacher-cache build` "
                    "output, or use distill.source=online")
+    if d.compile_teacher and d.kind != "none" and d.source == "cache":
+        out.append("distill.compile_teacher=true but distill.source=cache: the cached teacher does not run in "
+                   "training; compile its build instead (`teacher-cache build --compile`) and set "
+                   "distill.compile_teacher=false")
     if not d.tau > 0:
         out.append(f"distill.tau={d.tau}: must be > 0 (DeiT: 3.0)")
     if not 0 <= d.alpha <= 1:

@@ -37,7 +37,8 @@ __all__ = ["TeacherActor", "RemoteTeacher", "Prepared", "lookahead", "actor_name
 class TeacherActor:
     """One teacher on one device (a GPU when the actor has one), eval mode, no gradients."""
 
-    def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool) -> None:
+    def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool, compile_backend: str | None = None,
+                 ) -> None:
         from trainer.checkpoint import load_pretrained
         from trainer.config import ModelConfig
 
@@ -49,6 +50,8 @@ class TeacherActor:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        if compile_backend:  # distill.compile_teacher
+            self.model = torch.compile(self.model, backend=compile_backend)
         self.bf16 = bf16 and self.device.type == "cuda"
 
     def identity(self) -> dict[str, str]:
@@ -88,7 +91,8 @@ class RemoteTeacher:
         actor_cls = ray.remote(**options)(TeacherActor)
         bf16 = config.runtime.bf16 and use_gpu
         actor = actor_cls.options(name=actor_name(run_name, index), get_if_exists=True).remote(
-            dataclasses.asdict(d.teacher), config.runtime.channels_last, bf16)
+            dataclasses.asdict(d.teacher), config.runtime.channels_last, bf16,
+            config.runtime.compile_backend if d.compile_teacher else None)
         need = (f"{d.remote_actors} teacher actors need {d.remote_actors} GPUs besides the "
                 f"{config.scaling.num_workers} the workers take") if use_gpu else "the teacher actor"
         return cls(actor, torch.bfloat16 if bf16 else torch.float32, need)

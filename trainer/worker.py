@@ -750,6 +750,8 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     if config.runtime.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     teacher = teacher.to(device).eval().requires_grad_(False)
+    if d.compile_teacher:
+        teacher = torch.compile(teacher, backend=config.runtime.compile_backend)
     return OnlineTeacher(teacher), identity
 
 
