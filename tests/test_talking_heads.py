@@ -17,7 +17,7 @@ from timm.models.cait import TalkingHeadAttn
 from trainer import recipes
 from trainer.config import ConfigError
 from trainer.overrides import apply_overrides
-from trainer.talking_heads import SdpaTalkingHeadAttn, use_sdpa_talking_heads
+from trainer.talking_heads import SdpaTalkingHeadAttn, check_against_timm, use_sdpa_talking_heads
 
 TINY_CAIT = ["model.img_size=32", "data.augment.image_size=32", "model.patch_size=4", "model.depth=2",
              "model.embed_dim=48", "model.num_heads=4", "model.num_classes=10", "model.layer_scale_init=1.0"]
@@ -79,6 +79,21 @@ def test_bf16_autocast_error_is_timms_own() -> None:
     assert fused_bf16.dtype == timm_bf16.dtype == torch.bfloat16  # no fp32 promotion through the mixes
     timm_error, fused_error = rel_err(timm_bf16, reference), rel_err(fused_bf16, reference)
     assert 0 < timm_error < 0.05 and fused_error < 2 * timm_error + 1e-3
+
+
+def test_the_device_check_passes_the_fused_layer_and_catches_a_wrong_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_against_timm``, which trainer.bench_gpu runs on the GPU before timing a fused row (kernels CI
+    never runs): it passes the layer, and fails one that is off by 10% or feeds its projection fp32."""
+    _, fused = attention_pair(64, 8, True)
+    model = torch.nn.Sequential(fused)
+    assert 0 < check_against_timm(model, torch.device("cpu"), tokens=20) <= 3.0
+    original = SdpaTalkingHeadAttn.forward
+    monkeypatch.setattr(SdpaTalkingHeadAttn, "forward", lambda self, x: original(self, x) * 1.1)
+    with pytest.raises(AssertionError, match="bf16 error is"):
+        check_against_timm(model, torch.device("cpu"), tokens=20)
+    monkeypatch.setattr(SdpaTalkingHeadAttn, "forward", lambda self, x: self.proj(original(self, x).float()))
+    with pytest.raises(AssertionError, match="fed its projection"):
+        check_against_timm(model, torch.device("cpu"), tokens=20)
 
 
 def test_attention_dropout_in_training_is_timms_path() -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["SdpaTalkingHeadAttn", "use_sdpa_talking_heads"]
+__all__ = ["SdpaTalkingHeadAttn", "check_against_timm", "use_sdpa_talking_heads"]
 
 try:  # timm is a dependency of the trainer; the module stays importable for the config's checks without it
     from timm.models.cait import TalkingHeadAttn
@@ -63,10 +63,54 @@ class SdpaTalkingHeadAttn(TalkingHeadAttn):
         mix_w = self.proj_w.weight.to(o.dtype)  # [h, g]
         o = o.reshape(batch, heads, tokens, heads, width // heads)  # [b, g, n, h, d]: A_g v_h
         out = torch.einsum("hg,bgnhd->bnhd", mix_w, o)
-        v_sum = v.reshape(batch, tokens, heads, width // heads).sum(1, keepdim=True)  # [B, 1, h, d]
-        out = out + self.proj_w.bias.to(o.dtype)[:, None] * v_sum
+        # [B, 1, h, d]; summed in fp32 and cast back: CUDA autocast runs sum() in fp32, and an fp32 term
+        # here would turn the whole output fp32
+        v_sum = v.reshape(batch, tokens, heads, width // heads).sum(1, keepdim=True, dtype=torch.float32)
+        out = out + (self.proj_w.bias[:, None] * v_sum).to(o.dtype)
         out = out + self.proj_l.bias.sum() * 0  # the softmax cancels b_l: its gradient is exactly zero
         return self.proj_drop(self.proj(out.reshape(batch, tokens, width)))
+
+
+def check_against_timm(model: torch.nn.Module, device: torch.device, tokens: int = 196, batch: int = 4,
+                       tolerance: float = 3.0) -> float:
+    """The first fused layer of ``model`` against timm's forward of the same weights, on ``device`` under
+    bf16 autocast (the kernels a GPU picks for these head widths and strides, which CI's CPU never runs):
+    forward and input gradient, each as its error against an fp32 run of timm's, divided by timm's own
+    bf16 error. Raises ``AssertionError`` if that ratio exceeds ``tolerance`` or if the layer's output
+    projection is fed anything but bf16; returns the worse ratio."""
+    layer = next(m for m in model.modules() if isinstance(m, SdpaTalkingHeadAttn))
+    fed: list[torch.dtype] = []
+    hook = layer.proj.register_forward_pre_hook(lambda module, args: fed.append(args[0].dtype))
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, tokens, layer.qkv.in_features, device=device, generator=generator)
+    cotangent = torch.randn(x.shape, device=device, generator=generator)
+    was_training = layer.training
+    layer.eval()  # no dropout either way
+
+    def run(forward, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(leaf)
+        (out.float() * cotangent).sum().backward()
+        return out.detach().float(), leaf.grad.float()
+
+    try:
+        reference = run(super(SdpaTalkingHeadAttn, layer).forward, bf16=False)
+        timm_bf16 = run(super(SdpaTalkingHeadAttn, layer).forward, bf16=True)
+        fed.clear()
+        fused_bf16 = run(layer.forward, bf16=True)
+    finally:
+        hook.remove()
+        layer.train(was_training)
+        layer.zero_grad(set_to_none=True)
+    assert fed == [torch.bfloat16], f"the fused layer fed its projection {fed}, not bf16"
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    ratio = max(err(f, r) / max(err(t, r), 1e-6) for f, t, r in zip(fused_bf16, timm_bf16, reference, strict=True))
+    assert ratio <= tolerance, f"the fused layer's bf16 error is {ratio:.1f}x timm's own (limit {tolerance})"
+    return ratio
 
 
 def use_sdpa_talking_heads(model: torch.nn.Module) -> int:
