@@ -97,6 +97,9 @@ def test_peaks_and_verdicts() -> None:
     assert re.search(r"cait_s24: sdpa talking heads, eager / timm eager step \| 1\.50 \| 2\.00 \| missed \|", text)
     assert re.search(r"cait_s24: sdpa talking heads, compiled / timm eager step \| 3\.00 \| 2\.00 \| met \|", text)
     assert "deit_b_distill" not in text, "no row, no verdict"
+    online_only = verdicts([GpuRow("full pipeline", "deit_b_distill, online teacher, x3", 1000.0),
+                            GpuRow("full pipeline", "deit_b_distill, online teacher compiled, x3", 1500.0)])
+    assert any("deit_b_distill: online teacher compiled / eager (x3) | 1.50 |" in line for line in online_only)
     slow = verdicts([GpuRow("full pipeline", "deit_b_distill, cache teacher, x3", 2000.0, 0.2)])
     assert any("2,000 | 3,000 | missed" in line for line in slow)
     assert any("20.0% | <= 5.0% | missed" in line for line in slow)

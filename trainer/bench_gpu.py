@@ -246,6 +246,11 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
 
     def measure(name: str, compile_model: bool, talking_heads: str) -> GpuRow:
         config, p, teacher, batches = _model_parts(name, s, device, compile_model, talking_heads)
+        checked = ""
+        if talking_heads == "sdpa":  # these kernels and strides run nowhere else: their numbers first
+            from trainer.talking_heads import check_against_timm
+
+            checked = f"; bf16 error {check_against_timm(p.model, device):.2f}x timm's own (checked first)"
         if name not in flops:  # counted on the eager step of timm's layers (the same mathematics compiled)
             eager = p if not compile_model and talking_heads == "timm" else local_parts(_recipe(name, s), device,
                                                                                          teacher)
@@ -255,7 +260,7 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
         _free(device)
         mfu = rate * flops[name] / peak if peak else None
         return GpuRow("model only", _model_row(name, compile_model, talking_heads), rate, wait, mfu, mem,
-                      f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)")
+                      f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step){checked}")
 
     for name in (m for m in s.models if not compiled or m in s.compiled):
         # CaiT's talking-heads attention also through the fused call (trainer.talking_heads): the CaiT goal
@@ -263,7 +268,6 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
         for talking_heads in ("timm", "sdpa") if name.startswith("cait") else ("timm",):
             if compiled:  # the CaiT goal is compiled / eager
                 priority = COMPILED if name.startswith("cait") else LAST
-                priority = MORE if talking_heads == "sdpa" else priority
             elif talking_heads == "sdpa":
                 priority = COMPILED
             else:  # the baselines of the goals' ratios
@@ -878,6 +882,7 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
             line(f"{name}: full pipeline (cache, x3) / model only", full.views_per_s / model.views_per_s, 0.95)
         if peer is not None:
             line(f"{name}: full pipeline (cache, x3) / peers' stack", full.views_per_s / peer.views_per_s, None)
+    for name in PIPELINE_MODELS:  # whether or not the cache rows ran
         online, online_compiled = by_name.get(f"{name}, online teacher, x3"), by_name.get(
             f"{name}, online teacher compiled, x3")
         if online is not None and online_compiled is not None:
