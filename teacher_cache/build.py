@@ -218,7 +218,8 @@ class CacheWorker:
         keys, maps, unreadable = encode_shard(self.shards, shard, self.teacher, self.cfg, self.decode)
         result = {**meta, "shard": shard, "samples": len(keys), "unreadable": unreadable, "height": maps.height,
                   "width": maps.width, "bytes_per_image": maps.bytes_per_image,
-                  "device": self.teacher.device.type}  # decoder and teacher: a CPU build's pixels differ a little
+                  "device": self.teacher.device.type,  # decoder and teacher: a CPU build's pixels differ a little
+                  "compile": self.cfg.compile or "eager"}  # a compiled teacher rounds a little differently
         result["bytes"] = write_part(self.cfg.out, self.cfg.split, shard, keys, maps, result)
         return result
 
@@ -286,7 +287,8 @@ def _finish(cfg: CacheBuildConfig, shards: ShardSet, identity: dict[str, Any],
         "unreadable": int(sum(r["unreadable"] for r in results.values())),
         "bytes_per_image": first["bytes_per_image"], "bytes": int(sum(r["bytes"] for r in results.values())),
         "build": {"topk": cfg.topk, "batch_size": cfg.batch_size, "split": cfg.split,
-                  "devices": sorted({r.get("device", "unknown") for r in results.values()})},
+                  "devices": sorted({r.get("device", "unknown") for r in results.values()}),
+                  "compile": sorted({r.get("compile", "eager") for r in results.values()})},
     }
     write_info(cfg.out, info)
     return info
