@@ -528,6 +528,46 @@ def test_remote_teacher_submit_does_not_wait_for_the_send() -> None:
     assert [t.dtype for t in sent] == [torch.bfloat16] * 3  # cast to the transport dtype, on host
     assert all(torch.equal(t, x.to(torch.bfloat16)) for t, x in zip(sent, batches, strict=True))  # in order
 
+    class Broken:
+        class logits:  # noqa: N801 - an actor handle's method
+            @staticmethod
+            def remote(x: torch.Tensor) -> str:
+                raise ConnectionError("actor gone")
+
+    from pipeline.loader import Batch
+
+    broken = RemoteTeacher(Broken(), torch.float32)
+    broken.submit(batches[0], step=5)
+    batch = Batch(batches[0], torch.zeros(4), [""] * 4, torch.zeros(4, 4), torch.zeros(4), 5, None, None)
+    with pytest.raises(ConnectionError, match="actor gone"):  # the send's error reaches the step that needs it
+        broken(batches[0], batch, None)
+    broken.close()
+    remote.close()
+    with pytest.raises(RuntimeError):  # closed: nothing more is sent
+        remote.submit(batches[0], step=9)
+
+
+def test_a_teacher_actor_compiles_its_teacher_when_asked(teacher_file: str) -> None:
+    """distill.compile_teacher reaches each remote actor (``TeacherActor(..., compile_backend)``), built here
+    without Ray: the compiled actor gives the eager actor's logits."""
+    import dataclasses
+
+    from trainer.remote_teacher import TeacherActor
+
+    teacher = dataclasses.asdict(_demo_teacher(teacher_file))
+    eager, compiled = TeacherActor(teacher, False, False), TeacherActor(teacher, False, False, "aot_eager")
+    assert hasattr(compiled.model, "_orig_mod") and not hasattr(eager.model, "_orig_mod")
+    assert compiled.identity() == eager.identity()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(compiled.logits(x), eager.logits(x), atol=1e-5)
+
+
+def _demo_teacher(teacher_file: str):
+    """The demo recipe's teacher ModelConfig with the test's weights file."""
+    import dataclasses
+
+    return dataclasses.replace(recipes.get("demo_deit_tiny_distill").distill.teacher, pretrained_path=teacher_file)
+
 
 @dali
 @pytest.mark.slow

@@ -199,6 +199,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
             checkpoint(p, {**p.last_eval} if evaluate_now else {})
             if not p.options.bench:  # a benchmark's checkpoints (bench["checkpoint_every"]) count as step time
                 timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
+    if isinstance(p.teacher, RemoteTeacher):
+        p.teacher.close()  # the look-ahead batch past the last step is not needed
     waited = p.writer.wait()  # the last checkpoint's write and report
     if p.options.bench:  # a benchmark charges that wait to its steps
         _add(p.timing, "checkpoint_wait_s", waited)
