@@ -29,7 +29,9 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    decode once -> 3 views.
 5. **checkpoints**: the largest model's model-only step with a checkpoint every ``--steps // 3`` steps,
    written on the training thread and in the background (``checkpoint.background``).
-6. **profile**: where the first pipeline model's step time goes (full pipeline, cached teacher, x3):
+6. **remote teacher**: ``distill.source=remote``'s send path without Ray: batches copied to pinned host
+   memory on a side stream and handed to a stand-in actor, checked against a plain copy.
+7. **profile**: where the first pipeline model's step time goes (full pipeline, cached teacher, x3):
    device time per step of each phase (augment, teacher, student forward + backward, optimizer) and the
    top kernels; the profiler's whole table beside the written one (``--write PATH``: PATH.profile.txt).
 
@@ -783,6 +785,47 @@ def _dali_stock_rand_augment(s: Settings, device: torch.device, label: str) -> G
                   f"{s.batch} views of {s.size} px per run; other semantics (fixed magnitude, no p=0.5, DALI's op set)")
 
 
+def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
+    """``distill.source=remote``'s send path on this device, without Ray (none here): a step's batch of
+    views (``s.batch`` at ``s.size`` px, bf16 on a GPU) copied to pinned host memory on a side stream and
+    handed to a stand-in actor handle, which checks it against a plain copy. The rate is batches sent
+    back to back; in training each send overlaps a step."""
+    from trainer.remote_teacher import RemoteTeacher
+
+    def measure() -> GpuRow:
+        received: list[torch.Tensor] = []
+
+        class Standin:  # an actor handle's ``logits.remote``: keeps what arrived
+            class logits:  # noqa: N801
+                @staticmethod
+                def remote(host: torch.Tensor) -> int:
+                    received.append(host)
+                    return len(received)
+
+        transport = torch.bfloat16 if device.type == "cuda" else torch.float32
+        remote = RemoteTeacher(Standin(), transport)
+        x = torch.randn(s.batch, 3, s.size, s.size, device=device)
+        expected = x.to(transport).cpu()
+        try:
+            remote._send(x).result()  # warm-up: the stream, the pinned allocator
+            started = time.perf_counter()
+            sent = [remote._send(x) for _ in range(s.steps)]
+            [f.result() for f in sent]
+            seconds = time.perf_counter() - started
+        finally:
+            remote.close()
+        wrong = sum(not torch.equal(r, expected) for r in received)
+        if wrong:
+            raise AssertionError(f"{wrong} of {len(received)} batches reached the stand-in actor changed")
+        pinned = all(r.is_pinned() for r in received) if device.type == "cuda" else False
+        return GpuRow("remote teacher", "send path, no Ray", s.steps * s.batch / seconds,
+                      note=f"{s.batch} views of {s.size} px ({expected.element_size() * expected.numel() / 1e6:.0f} MB "
+                           f"{str(transport).removeprefix('torch.')}) a send; {len(received)} arrived intact"
+                           f"{', pinned' if pinned else ''}")
+
+    rows.add("remote teacher", "send path, no Ray", measure, priority=MORE)
+
+
 def _free(device: torch.device) -> None:
     import gc
 
@@ -831,6 +874,7 @@ def run_suite(s: Settings, partial: str | None = None, profile: str | None = Non
             _pipeline_compiled(s, device, built, rows)
         _model_only(s, device, peak, rows, compiled=True, flops=flops)  # compiling costs ~1 min a model
         _checkpoints(s, device, root, rows)
+        _remote_send(s, device, rows)
         _profile(s, device, built, rows, profile)
         rows.run()
     return _title(s, name, origin), rows.rows
