@@ -46,6 +46,19 @@ def _default_options(protocol: str) -> dict[str, Any]:
     return {}
 
 
+# fsspec protocols whose package is an optional extra of distillery (pyproject.toml)
+_EXTRAS = {"gs": "gcs", "gcs": "gcs"}
+
+
+class MissingFilesystem(ValueError):
+    """A URL whose fsspec file system needs a package that is not installed; says which to install."""
+
+    def __init__(self, url: str, protocol: str, reason: str) -> None:
+        extra = _EXTRAS.get(protocol)
+        fix = f"pip install 'distillery[{extra}]'" if extra else "install the package fsspec names"
+        super().__init__(f"{url}: {protocol}:// storage is not installed ({reason}); {fix}")
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder on some file system: ``url`` plus the fsspec ``storage_options`` needed to reach it."""
@@ -71,7 +84,10 @@ class Location:
 
     def fs_and_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
         options = {**_default_options(self.protocol), **self.storage_options}
-        fs, path = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            fs, path = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError as exc:  # fsspec knows the protocol, its package is not installed
+            raise MissingFilesystem(self.url, self.protocol, str(exc)) from None
         return fs, path.rstrip("/") or "/"
 
     def child(self, *names: str) -> Location:

@@ -54,6 +54,23 @@ def test_missing_source_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptu
     assert "not a folder" in caplog.text
 
 
+def test_storage_whose_package_is_missing_names_the_extra_to_install(tree: Tree, caplog: pytest.LogCaptureFixture,
+                                                                      ) -> None:
+    """gs:// needs gcsfs, an optional extra (``distillery[gcs]``): without it the command says so and exits 2,
+    before writing anything (adlfs has no extra here: the message names fsspec's package)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is not None for name in ("gcsfs", "adlfs")):
+        pytest.skip("gcsfs or adlfs is installed here")
+    assert main(["build-shards", "--src", str(tree.root), "--dst", "gs://bucket/shards"]) == 2
+    assert "gs://bucket/shards: gs:// storage is not installed" in caplog.text
+    assert "pip install 'distillery[gcs]'" in caplog.text
+    from pipeline.storage import Location, MissingFilesystem
+
+    with pytest.raises(MissingFilesystem, match="abfs:// storage is not installed .*adlfs.*install the package"):
+        Location("abfs://container/shards").fs_and_path()
+
+
 def test_bench_build_prints_both_rows(tmp_path: Path, tree: Tree, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "build", "--src", str(tree.root), "--workers", "1", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
