@@ -634,6 +634,8 @@ def test_unknown_key_lists_close_matches_and_section_keys() -> None:
         ("schedule.epochs", ["not key=value"]),
         ("data.augment.crop=foo", ["data.augment.crop", "'rrc' or 'simple'"]),  # pipeline's own check
         ("data.stream.repeats=0", ["data.stream.repeats", ">= 1"]),
+        ("runtime.compile_scope=layers", ["runtime.compile_scope", "'layers'", "one of model, blocks"]),
+        ("model.talking_heads=flash", ["model.talking_heads", "'flash'", "one of timm, sdpa"]),
     ],
 )
 def test_bad_values_name_key_value_and_type(override: str, words: list[str]) -> None:

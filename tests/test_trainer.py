@@ -758,29 +758,36 @@ def test_a_failed_background_write_fails_the_next_checkpoint(digits: str, monkey
     assert calls == [4]  # the second checkpoint was not started on top of the lost one
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int) -> None:
+@pytest.mark.parametrize("micro_batches, scope", [(1, "model"), (2, "model"), (1, "blocks")])
+def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int, scope: str) -> None:
     """runtime.compile's path (local_parts(compile_model=True), as the worker and bench_gpu build it): the same
-    losses step for step as eager, and a checkpoint of the bare model's keys. torch.compile runs with the
-    aot_eager backend here: Dynamo's trace and AOTAutograd, without inductor's code generation (a C++
-    compiler CI need not have; runtime.compile_backend)."""
+    losses step for step as eager, and a checkpoint of the bare model's keys, for both compile scopes (the
+    whole model, or each block in place). torch.compile runs with the aot_eager backend here: Dynamo's
+    trace and AOTAutograd, without inductor's code generation (a C++ compiler CI need not have;
+    runtime.compile_backend)."""
+    from torch._dynamo.utils import counters
+
     from trainer.checkpoint import capture_rng
     from trainer.worker import _ConstantTeacher, local_parts, optimizer_step, synthetic_batches, train_state
 
     config = apply_overrides(recipes.get("demo_deit_tiny_distill"), [
         "data.batch_size=30", "model.drop_path=0.0", f"optim.micro_batches={micro_batches}",
-        "runtime.compile_backend=aot_eager"])
+        "runtime.compile_backend=aot_eager", f"runtime.compile_scope={scope}"])
     batch = next(synthetic_batches(config, torch.device("cpu"), 10, torch.Generator().manual_seed(0)))
     teacher = _ConstantTeacher(torch.randn(30, 10, generator=torch.Generator().manual_seed(1)))
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
+        counters.clear()
         p = local_parts(config, torch.device("cpu"), teacher, compile_model=compiled)
-        assert hasattr(p.model, "_orig_mod") == compiled
+        assert hasattr(p.model, "_orig_mod") == (compiled and scope == "model")
         losses = []
         for _ in range(3):
             aug = p.augment.apply(batch.views, batch.labels, copy.deepcopy(batch.rng))
             losses.append(optimizer_step(p, aug.x, aug.targets, batch, aug.mix).detached())
+        if compiled and scope == "blocks":  # two identical blocks: one graph, no whole-model one
+            assert all(b._compiled_call_impl is not None for b in p.model.blocks)
+            assert counters["stats"]["unique_graphs"] == 1
         runs.append((losses, train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=True)))
     (eager, eager_state), (compiled_losses, compiled_state) = runs
     for step, (ours, theirs) in enumerate(zip(compiled_losses, eager, strict=True)):
@@ -793,16 +800,18 @@ def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int) -> None:
 
 @dali
 @pytest.mark.slow
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_two_workers_train_a_compiled_student_as_the_eager_run(reference: Ran, tmp_path: Path, digits: str,
-                                                                teacher_file: str) -> None:
+                                                                teacher_file: str, scope: str) -> None:
     """runtime.compile=true through Ray Train: DDP around a torch.compile'd student (aot_eager backend,
-    see above) trains the reference's run: the same losses at every logged step, and checkpoints of the
-    bare model."""
+    see above), or DDP around a student whose blocks are compiled in place, trains the reference's run:
+    the same losses at every logged step, and checkpoints of the bare model."""
     from trainer.checkpoint import latest_checkpoint, load_checkpoint
     from trainer.run import run
 
     config = apply_overrides(_config(digits, teacher_file), ["runtime.compile=true",
-                                                             "runtime.compile_backend=aot_eager"])
+                                                             "runtime.compile_backend=aot_eager",
+                                                             f"runtime.compile_scope={scope}"])
     result = run(config, storage_path=str(tmp_path / "storage"), name="compiled",
                  options=RunOptions(tracking_uri="off", loader_threads=2, dali_threads=1))
     ours = [(h["step"], h["loss"]) for h in result.return_value["history"]]

@@ -11,7 +11,8 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    batch kept on the device and the recipe's whole step (batch augmentation, forward, loss, backward,
    optimizer; a distilled model gets constant teacher logits): img/s, MFU (the step's FLOPs counted by
    torch's ``FlopCounterMode``, against the device's dense bf16 peak) and peak memory; eager, and for the
-   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d. The CaiTs again
+   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d, per block by
+   default (``--compile-scope``; DeiT-S then also whole, late, to show what that scope costs). The CaiTs again
    with ``model.talking_heads=sdpa`` (their talking-heads attention through one fused attention call,
    ``trainer.talking_heads``), eager and compiled: the CaiT goal is a step >= 2x timm's eager one.
 2. **full pipeline**, DeiT-S and DeiT-B distilled: shards on local disk -> stream -> DALI -> batch
@@ -238,61 +239,75 @@ class _Rows:
 
 
 SDPA_TALKING_HEADS = ", sdpa talking heads"  # a CaiT row's suffix with model.talking_heads=sdpa
+WHOLE_MODEL = ", whole model"  # a compiled row's suffix with runtime.compile_scope=model, beside --compile-scope blocks
+_VARIANTS = {"": (), SDPA_TALKING_HEADS: ("model.talking_heads=sdpa",), WHOLE_MODEL: ("runtime.compile_scope=model",)}
 
 
 def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Rows, compiled: bool,
                 flops: dict[str, float]) -> None:
     """``flops``: FLOPs per view by model, counted once on the eager step with timm's layers and shared with
-    the compiled and the fused-attention rows (MFU counts the model's work, not the fused path's extra)."""
-    from trainer.worker import local_parts
+    the compiled and the fused-attention rows (MFU counts the model's work, not the fused path's extra).
+    A compiled row's note gives its first step's time, the compile's cost."""
+    from trainer.worker import local_parts, train_step
 
-    def measure(name: str, compile_model: bool, talking_heads: str) -> GpuRow:
-        config, p, teacher, batches = _model_parts(name, s, device, compile_model, talking_heads)
-        checked = ""
-        if talking_heads == "sdpa":  # these kernels and strides run nowhere else: their numbers first
+    def measure(name: str, compile_model: bool, variant: str) -> GpuRow:
+        config, p, teacher, batches = _model_parts(name, s, device, compile_model, _VARIANTS[variant])
+        notes = []
+        if variant == SDPA_TALKING_HEADS:  # these kernels and strides run nowhere else: their numbers first
             from trainer.talking_heads import check_against_timm
 
-            checked = f"; bf16 error {check_against_timm(p.model, device):.2f}x timm's own (checked first)"
+            notes.append(f"bf16 error {check_against_timm(p.model, device):.2f}x timm's own (checked first)")
+        if compile_model:
+            started = time.perf_counter()
+            train_step(p, next(batches))
+            _sync(device)
+            notes.append(f"first step {time.perf_counter() - started:.1f} s (compile, {config.runtime.compile_scope})")
         if name not in flops:  # counted on the eager step of timm's layers (the same mathematics compiled)
-            eager = p if not compile_model and talking_heads == "timm" else local_parts(_recipe(name, s), device,
-                                                                                         teacher)
+            eager = p if not compile_model and not variant else local_parts(_recipe(name, s), device, teacher)
             flops[name] = _step_flops(eager, next(batches))
             del eager
         rate, wait, mem = _time(p, batches, s)
         _free(device)
         mfu = rate * flops[name] / peak if peak else None
-        return GpuRow("model only", _model_row(name, compile_model, talking_heads), rate, wait, mfu, mem,
-                      f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step){checked}")
+        return GpuRow("model only", _model_row(name, compile_model, variant), rate, wait, mfu, mem,
+                      "; ".join([f"{config.model.name}, {flops[name] / 1e9:.1f} GFLOP/view (step)", *notes]))
 
+    scope = _recipe(s.models[0], s).runtime.compile_scope if s.models else "model"
     for name in (m for m in s.models if not compiled or m in s.compiled):
         # CaiT's talking-heads attention also through the fused call (trainer.talking_heads): the CaiT goal
         # is a step >= 2x timm's eager one, by compiling, by the fused path, or both
-        for talking_heads in ("timm", "sdpa") if name.startswith("cait") else ("timm",):
+        variants = ["", SDPA_TALKING_HEADS] if name.startswith("cait") else [""]
+        if compiled and name == "deit_s" and scope == "blocks":  # what compiling per block costs the step
+            variants.append(WHOLE_MODEL)
+        for variant in variants:
             if compiled:  # the CaiT goal is compiled / eager
                 priority = COMPILED if name.startswith("cait") else LAST
-            elif talking_heads == "sdpa":
+            elif variant == SDPA_TALKING_HEADS:
                 priority = COMPILED
             else:  # the baselines of the goals' ratios
                 priority = GOAL if name in s.pipeline_models or name.startswith("cait") or name == "deit_s" else MORE
-            rows.add("model only", _model_row(name, compiled, talking_heads),
-                     lambda n=name, t=talking_heads: measure(n, compiled, t),
+            rows.add("model only", _model_row(name, compiled, variant),
+                     lambda n=name, v=variant: measure(n, compiled, v),
                      min_seconds=COMPILE_SECONDS if compiled else 0.0, priority=priority)
 
 
-def _model_row(name: str, compiled: bool, talking_heads: str = "timm") -> str:
-    return f"{name}{SDPA_TALKING_HEADS if talking_heads == 'sdpa' else ''}{' compiled' if compiled else ''}"
+def _model_row(name: str, compiled: bool, variant: str = "") -> str:
+    return f"{name}{variant}{' compiled' if compiled else ''}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False,
-                 talking_heads: str = "timm"):
+                 overrides: Sequence[str] = ()):
     """(config, parts, teacher, batches) of a model-only row: the recipe's step on one random batch kept on
-    the device; a distilled model gets constant teacher logits."""
+    the device (``overrides`` on top of the recipe); a distilled model gets constant teacher logits."""
     from trainer.overrides import apply_overrides
     from trainer.worker import _ConstantTeacher, local_parts
 
-    config = _recipe(name, s)
-    if talking_heads != "timm":
-        config = apply_overrides(config, [f"model.talking_heads={talking_heads}"])
+    config = apply_overrides(_recipe(name, s), list(overrides))
     teacher = None
     if config.distill.kind != "none":
         views = len(next(_synthetic(config, device)).keys)
@@ -841,7 +856,8 @@ def _title(s: Settings, name: str, origin: str) -> str:
     numerics = "bf16 autocast" if torch.cuda.is_available() else "fp32 (no GPU)"
     return (f"trainer.bench_gpu on {name}: batch {s.batch} views per step, {s.steps} steps timed after {s.warmup}, "
             f"{s.size} px, {numerics}; data: {origin}; "
-            f"{s.threads} loader / DALI threads and peer workers; random weights")
+            f"{s.threads} loader / DALI threads and peer workers; random weights"
+            + (f"; overrides: {' '.join(s.overrides)}" if s.overrides else ""))
 
 
 def run_suite(s: Settings, partial: str | None = None, profile: str | None = None) -> tuple[str, list[GpuRow]]:
@@ -943,6 +959,10 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
                            (f"{name}{SDPA_TALKING_HEADS} compiled", "sdpa talking heads, compiled")):
             if eager is not None and fast in by_name:
                 line(f"{name}: {what} / timm eager step", by_name[fast].views_per_s / eager.views_per_s, 2.0)
+    per_block, whole = by_name.get("deit_s compiled"), by_name.get(f"deit_s{WHOLE_MODEL} compiled")
+    if per_block is not None and whole is not None:  # what --compile-scope blocks costs (or gains) the step
+        line("deit_s: compiled per block / whole model compiled (step rate)", per_block.views_per_s / whole.views_per_s,
+             None)
     for name in {r.name.split(", ")[0] for r in rows if r.section == "checkpoints"}:
         model = by_name.get(name)
         for background, label in GPU_CHECKPOINT_LABELS.items():
@@ -992,6 +1012,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="timm model in place of the recipes' teacher (default: the recipe's)")
     p.add_argument("--compile", default="deit_s,cait_xxs24,cait_s24", metavar="MODELS",
                    help="models whose model-only step is also timed torch.compile'd ('' for none; ~1 min each)")
+    p.add_argument("--compile-scope", choices=("model", "blocks"), default="blocks",
+                   help="runtime.compile_scope of the compiled rows (default blocks: each block compiled once, "
+                        "a fraction of the whole model's compile time, which a lent GPU's minutes cannot spare)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", metavar="PATH", help="append the table to this file (BENCHMARKS.md)")
     p.add_argument("--max-seconds", type=float, default=480.0,
@@ -1010,7 +1033,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  teacher=args.teacher, models=tuple(m for m in args.models.split(",") if m),
                  pipeline_models=tuple(m for m in args.pipeline_models.split(",") if m),
                  compiled=tuple(m for m in args.compile.split(",") if m),
-                 threads=args.threads, overrides=tuple(args.overrides), max_seconds=args.max_seconds,
+                 threads=args.threads, overrides=(f"runtime.compile_scope={args.compile_scope}", *args.overrides),
+                 max_seconds=args.max_seconds,
                  s3=args.s3 if args.s3 is not None else _have_s3())
     if args.quick:
         s = replace(s, batch=6, steps=2, warmup=1, images=24, size=32, teacher=s.teacher or "resnet10t",

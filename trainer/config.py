@@ -50,6 +50,8 @@ OptimizerName = Literal["adamw", "lamb", "sgd"]
 DistillKind = Literal["none", "soft", "hard"]
 TeacherSource = Literal["cache", "online", "remote"]
 LossBase = Literal["ce", "bce"]
+TalkingHeads = Literal["timm", "sdpa"]
+CompileScope = Literal["model", "blocks"]
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lamb", "sgd")
 DISTILL_KINDS: tuple[str, ...] = ("none", "soft", "hard")
@@ -65,7 +67,8 @@ REGNETY_160_URL = "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth"
 _PATCH_FAMILIES = ("vit_", "deit", "cait_", "resmlp_")
 # A pretrained checkpoint is a file (local path or URL), never a model-hub download.
 # ModelConfig.talking_heads: the implementations of CaiT's attention ("sdpa": trainer.talking_heads)
-TALKING_HEADS = ("timm", "sdpa")
+TALKING_HEADS: tuple[str, ...] = ("timm", "sdpa")
+COMPILE_SCOPES: tuple[str, ...] = ("model", "blocks")  # RuntimeConfig.compile_scope
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "hf://", "timm/")
 
 
@@ -107,7 +110,7 @@ class ModelConfig:
     num_heads: int | None = None
     # CaiT's talking-heads attention: "timm" (timm's TalkingHeadAttn, five passes over B x H x N x N) or
     # "sdpa" (the same function through one fused attention call, trainer.talking_heads; same parameters).
-    talking_heads: str = "timm"
+    talking_heads: TalkingHeads = "timm"
 
     @property
     def is_patch_model(self) -> bool:
@@ -325,6 +328,10 @@ class RuntimeConfig:
     # torch.compile's backend: "inductor" (generated kernels); "aot_eager" traces and runs the same graph
     # without code generation (the tests' CPU check of the compiled path); "cudagraphs", ...
     compile_backend: str = "inductor"
+    # What one torch.compile covers: "model", the whole student (one graph: the most fusion, the longest
+    # compile); "blocks", each transformer block in place, compiled once and reused by its identical
+    # siblings (a fraction of the compile time; the patch embedding and head run eager)
+    compile_scope: CompileScope = "model"
     channels_last: bool = False  # NHWC memory format (helps convnets such as the teacher, not ViTs)
     seed: int = 0
 
@@ -599,6 +606,8 @@ def _misc_problems(c: TrainConfig) -> list[str]:
         out.append(f"loss.base={c.loss.base!r}: use one of {', '.join(LOSS_BASES)}")
     if c.loss.bce_target_threshold is not None and c.loss.base != "bce":
         out.append("loss.bce_target_threshold is set but loss.base is not 'bce': set it to None")
+    if c.runtime.compile_scope not in COMPILE_SCOPES:
+        out.append(f"runtime.compile_scope={c.runtime.compile_scope!r}: use one of {', '.join(COMPILE_SCOPES)}")
     if not 0 < c.ema.decay < 1:
         out.append(f"ema.decay={c.ema.decay}: must be in (0, 1), e.g. 0.99996")
     if c.checkpoint.every_n_steps < 1:

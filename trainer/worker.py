@@ -62,7 +62,7 @@ from trainer.checkpoint import (
     safe_config,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.losses import DistillLossConfig, LossTerms, distillation_loss, fuse_heads, topk_accuracy
 from trainer.optim import LRSchedule, build_ema, build_optimizer, build_schedule, clip_gradients, unwrap
 from trainer.overrides import apply_overrides, flatten
@@ -597,8 +597,10 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     restored = _restore(options, train_shards.fingerprint)
     resized = restored is not None and _check_restored(restored, config, rank, world)
     bare = _student(config, restored.model if restored is not None else None)
+    if config.runtime.compile and config.runtime.compile_scope == "blocks":
+        compile_blocks(bare, config.runtime.compile_backend)  # in place, inside DDP
     model = ray.train.torch.prepare_model(bare, move_to_device=device)
-    if config.runtime.compile:
+    if config.runtime.compile and config.runtime.compile_scope == "model":
         model = torch.compile(model, backend=config.runtime.compile_backend)
     data_device = "cpu" if device.type == "cpu" else str(device)
     exact = config.scaling.min_workers == 0
@@ -660,13 +662,31 @@ def _student(config: TrainConfig, state: dict[str, torch.Tensor] | None = None) 
     return model
 
 
+BLOCK_LISTS = ("blocks", "blocks_token_only")  # timm's ViT/DeiT/CaiT/ResMLP blocks; CaiT's class-attention ones
+
+
+def compile_blocks(model: torch.nn.Module, backend: str) -> int:
+    """``runtime.compile_scope=blocks``: ``torch.compile`` each block of ``model``'s block lists in place
+    (``nn.Module.compile``: the module and its state dict keys stay as they are, so DDP, checkpoints and EMA
+    see the bare model). Identical blocks share one compiled graph. Returns how many blocks."""
+    blocks = [block for name in BLOCK_LISTS for block in getattr(model, name, ())]
+    if not blocks:
+        raise ConfigError([f"runtime.compile_scope=blocks but {type(model).__name__} has no "
+                           f"{' or '.join(BLOCK_LISTS)} to compile: set runtime.compile_scope=model"])
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | None = None,
                 loader: TrainLoader | None = None, eval_loader: EvalLoader | None = None, steps_per_epoch: int = 1000,
                 compile_model: bool = False) -> Parts:
     """Parts for one process without Ray (rank 0 of 1, no DDP, no tracking, nothing restored): the GPU
     benchmark and tests build the same step and evaluation as a worker does."""
     model = _student(config).to(device)
-    if compile_model:
+    if compile_model and config.runtime.compile_scope == "blocks":
+        compile_blocks(model, config.runtime.compile_backend)
+    elif compile_model:
         model = torch.compile(model, backend=config.runtime.compile_backend)
     schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
     optimizer = build_optimizer(model, config, schedule.peak, device)
