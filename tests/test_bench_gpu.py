@@ -87,8 +87,8 @@ def test_peaks_and_verdicts() -> None:
             GpuRow("model only", "cait_s24, sdpa talking heads compiled", 2100.0),
             GpuRow("full pipeline", "deit_s_distill, cache teacher, x3", 4800.0, 0.02),
             GpuRow("peers", "deit_s_distill, online teacher, timm+PIL", 2000.0, 0.3),
-            GpuRow("model only", "deit_s compiled", 7500.0),
-            GpuRow("model only", "deit_s, whole model compiled", 7800.0),
+            GpuRow("model only", "cait_xxs24 compiled", 1500.0),
+            GpuRow("model only", "cait_xxs24, whole model compiled", 1560.0),
             GpuRow("full pipeline", "deit_s_distill, online teacher, x3", 2000.0, 0.01),
             GpuRow("full pipeline", "deit_s_distill, online teacher compiled, x3", 2500.0, 0.01)]
     text = "\n".join(verdicts(rows))
@@ -97,7 +97,7 @@ def test_peaks_and_verdicts() -> None:
     assert re.search(r"/ model only \| 0\.96 \| 0\.95 \| met \|", text)
     assert re.search(r"/ peers' stack \| 2\.40 \| - \| - \|", text)
     assert re.search(r"deit_s_distill: online teacher compiled / eager \(x3\) \| 1\.25 \| - \| - \|", text)
-    assert re.search(r"deit_s: compiled per block / whole model compiled \(step rate\) \| 0\.96 \| - \|", text)
+    assert re.search(r"cait_xxs24: compiled per block / whole model compiled \(step rate\) \| 0\.96 \| - \|", text)
     assert re.search(r"cait_s24: compiled / timm eager step \| 2\.14 \| 2\.00 \| met \|", text)
     assert re.search(r"cait_s24: sdpa talking heads, eager / timm eager step \| 1\.50 \| 2\.00 \| missed \|", text)
     assert re.search(r"cait_s24: sdpa talking heads, compiled / timm eager step \| 3\.00 \| 2\.00 \| met \|", text)

@@ -758,7 +758,7 @@ def test_a_failed_background_write_fails_the_next_checkpoint(digits: str, monkey
     assert calls == [4]  # the second checkpoint was not started on top of the lost one
 
 
-@pytest.mark.parametrize("micro_batches, scope", [(1, "model"), (2, "model"), (1, "blocks")])
+@pytest.mark.parametrize("micro_batches, scope", [(1, "model"), (2, "model"), (1, "blocks"), (1, "auto")])
 def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int, scope: str) -> None:
     """runtime.compile's path (local_parts(compile_model=True), as the worker and bench_gpu build it): the same
     losses step for step as eager, and a checkpoint of the bare model's keys, for both compile scopes (the
@@ -778,14 +778,16 @@ def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int, scope: s
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
+        torch._dynamo.reset()  # graphs another test compiled for the same blocks would serve these
         counters.clear()
         p = local_parts(config, torch.device("cpu"), teacher, compile_model=compiled)
-        assert hasattr(p.model, "_orig_mod") == (compiled and scope == "model")
+        per_block = scope != "model"  # auto: drop_path=0, so the blocks are identical
+        assert hasattr(p.model, "_orig_mod") == (compiled and not per_block)
         losses = []
         for _ in range(3):
             aug = p.augment.apply(batch.views, batch.labels, copy.deepcopy(batch.rng))
             losses.append(optimizer_step(p, aug.x, aug.targets, batch, aug.mix).detached())
-        if compiled and scope == "blocks":  # two identical blocks: one graph, no whole-model one
+        if compiled and per_block:  # two identical blocks: one graph, no whole-model one
             assert all(b._compiled_call_impl is not None for b in p.model.blocks)
             assert counters["stats"]["unique_graphs"] == 1
         runs.append((losses, train_state(p, [{"loader": {}, "rng": capture_rng()}], copy=True)))
@@ -796,6 +798,35 @@ def test_a_compiled_student_trains_as_the_eager_one(micro_batches: int, scope: s
     assert list(compiled_state.model) == list(eager_state.model) and "cls_token" in compiled_state.model
     for name, tensor in eager_state.model.items():
         assert torch.allclose(compiled_state.model[name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+def test_blocks_that_differ_all_compile_and_the_slow_compile_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """DeiT's drop-path rate grows block by block, so each block is a graph of its own: all 10 compile
+    (none left eager past torch.compile's recompile limit of 8), and the log says why that is slow."""
+    from torch._dynamo.utils import counters
+
+    from trainer.worker import block_graphs, compile_blocks, resolve_compile_scope
+
+    config = apply_overrides(recipes.get("demo_deit_tiny"), ["model.depth=10", "model.drop_path=0.1"])
+    model = config.model.build().train()
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model, "aot_eager") == 10
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 10
+    assert "the 10 blocks make 10 distinct graphs" in caplog.text and "model.drop_path_uniform=true" in caplog.text
+    assert resolve_compile_scope(model, "auto") == "model" and resolve_compile_scope(model, "blocks") == "blocks"
+    uniform = apply_overrides(config, ["model.drop_path_uniform=true"]).model.build().train()
+    caplog.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(uniform, "aot_eager")
+    uniform(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1 and "distinct graphs" not in caplog.text
+    assert resolve_compile_scope(uniform, "auto") == "blocks"
+    cait = apply_overrides(recipes.get("cait_xxs24"), ["model.depth=3", "model.embed_dim=48", "model.img_size=32",
+                                                        "model.patch_size=8"]).model.build()
+    assert block_graphs(cait) == 2 and resolve_compile_scope(cait, "auto") == "blocks"  # SA and CA blocks
 
 
 @dali

@@ -11,8 +11,9 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    batch kept on the device and the recipe's whole step (batch augmentation, forward, loss, backward,
    optimizer; a distilled model gets constant teacher logits): img/s, MFU (the step's FLOPs counted by
    torch's ``FlopCounterMode``, against the device's dense bf16 peak) and peak memory; eager, and for the
-   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d, per block by
-   default (``--compile-scope``; DeiT-S then also whole, late, to show what that scope costs). The CaiTs again
+   ``--compile`` models (default DeiT-S, CaiT-XXS24, CaiT-S24) also ``torch.compile``'d (``--compile-scope``,
+   default auto: CaiT per block, DeiT whole; CaiT-XXS24 then also whole, to show what the scope costs;
+   each compiled row's note gives its first step's time). The CaiTs again
    with ``model.talking_heads=sdpa`` (their talking-heads attention through one fused attention call,
    ``trainer.talking_heads``), eager and compiled: the CaiT goal is a step >= 2x timm's eager one.
 2. **full pipeline**, DeiT-S and DeiT-B distilled: shards on local disk -> stream -> DALI -> batch
@@ -248,7 +249,7 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
     """``flops``: FLOPs per view by model, counted once on the eager step with timm's layers and shared with
     the compiled and the fused-attention rows (MFU counts the model's work, not the fused path's extra).
     A compiled row's note gives its first step's time, the compile's cost."""
-    from trainer.worker import local_parts, train_step
+    from trainer.worker import local_parts, resolve_compile_scope, train_step
 
     def measure(name: str, compile_model: bool, variant: str) -> GpuRow:
         config, p, teacher, batches = _model_parts(name, s, device, compile_model, _VARIANTS[variant])
@@ -261,7 +262,8 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
             started = time.perf_counter()
             train_step(p, next(batches))
             _sync(device)
-            notes.append(f"first step {time.perf_counter() - started:.1f} s (compile, {config.runtime.compile_scope})")
+            scope = resolve_compile_scope(getattr(p.model, "_orig_mod", p.model), config.runtime.compile_scope)
+            notes.append(f"first step {time.perf_counter() - started:.1f} s (compile, scope {scope})")
         if name not in flops:  # counted on the eager step of timm's layers (the same mathematics compiled)
             eager = p if not compile_model and not variant else local_parts(_recipe(name, s), device, teacher)
             flops[name] = _step_flops(eager, next(batches))
@@ -277,8 +279,8 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
         # CaiT's talking-heads attention also through the fused call (trainer.talking_heads): the CaiT goal
         # is a step >= 2x timm's eager one, by compiling, by the fused path, or both
         variants = ["", SDPA_TALKING_HEADS] if name.startswith("cait") else [""]
-        if compiled and name == "deit_s" and scope == "blocks":  # what compiling per block costs the step
-            variants.append(WHOLE_MODEL)
+        if compiled and name == "cait_xxs24" and scope != "model":  # CaiT's blocks are alike: per block
+            variants.append(WHOLE_MODEL)  # beside it, what the whole model's compile costs and gives
         for variant in variants:
             if compiled:  # the CaiT goal is compiled / eager
                 priority = COMPILED if name.startswith("cait") else LAST
@@ -959,10 +961,10 @@ def verdicts(rows: Sequence[GpuRow]) -> list[str]:
                            (f"{name}{SDPA_TALKING_HEADS} compiled", "sdpa talking heads, compiled")):
             if eager is not None and fast in by_name:
                 line(f"{name}: {what} / timm eager step", by_name[fast].views_per_s / eager.views_per_s, 2.0)
-    per_block, whole = by_name.get("deit_s compiled"), by_name.get(f"deit_s{WHOLE_MODEL} compiled")
-    if per_block is not None and whole is not None:  # what --compile-scope blocks costs (or gains) the step
-        line("deit_s: compiled per block / whole model compiled (step rate)", per_block.views_per_s / whole.views_per_s,
-             None)
+    per_block, whole = by_name.get("cait_xxs24 compiled"), by_name.get(f"cait_xxs24{WHOLE_MODEL} compiled")
+    if per_block is not None and whole is not None:  # what compiling per block costs (or gains) the step
+        line("cait_xxs24: compiled per block / whole model compiled (step rate)",
+             per_block.views_per_s / whole.views_per_s, None)
     for name in {r.name.split(", ")[0] for r in rows if r.section == "checkpoints"}:
         model = by_name.get(name)
         for background, label in GPU_CHECKPOINT_LABELS.items():
@@ -1012,9 +1014,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="timm model in place of the recipes' teacher (default: the recipe's)")
     p.add_argument("--compile", default="deit_s,cait_xxs24,cait_s24", metavar="MODELS",
                    help="models whose model-only step is also timed torch.compile'd ('' for none; ~1 min each)")
-    p.add_argument("--compile-scope", choices=("model", "blocks"), default="blocks",
-                   help="runtime.compile_scope of the compiled rows (default blocks: each block compiled once, "
-                        "a fraction of the whole model's compile time, which a lent GPU's minutes cannot spare)")
+    p.add_argument("--compile-scope", choices=("model", "blocks", "auto"), default="auto",
+                   help="runtime.compile_scope of the compiled rows (default auto: per block where the blocks are "
+                        "alike, CaiT's, a fraction of the whole model's compile, which a lent GPU's minutes cannot "
+                        "spare; DeiT's whole)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", metavar="PATH", help="append the table to this file (BENCHMARKS.md)")
     p.add_argument("--max-seconds", type=float, default=480.0,

@@ -51,7 +51,7 @@ DistillKind = Literal["none", "soft", "hard"]
 TeacherSource = Literal["cache", "online", "remote"]
 LossBase = Literal["ce", "bce"]
 TalkingHeads = Literal["timm", "sdpa"]
-CompileScope = Literal["model", "blocks"]
+CompileScope = Literal["model", "blocks", "auto"]
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lamb", "sgd")
 DISTILL_KINDS: tuple[str, ...] = ("none", "soft", "hard")
@@ -68,7 +68,7 @@ _PATCH_FAMILIES = ("vit_", "deit", "cait_", "resmlp_")
 # A pretrained checkpoint is a file (local path or URL), never a model-hub download.
 # ModelConfig.talking_heads: the implementations of CaiT's attention ("sdpa": trainer.talking_heads)
 TALKING_HEADS: tuple[str, ...] = ("timm", "sdpa")
-COMPILE_SCOPES: tuple[str, ...] = ("model", "blocks")  # RuntimeConfig.compile_scope
+COMPILE_SCOPES: tuple[str, ...] = ("model", "blocks", "auto")  # RuntimeConfig.compile_scope
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "hf://", "timm/")
 
 
@@ -330,7 +330,8 @@ class RuntimeConfig:
     compile_backend: str = "inductor"
     # What one torch.compile covers: "model", the whole student (one graph: the most fusion, the longest
     # compile); "blocks", each transformer block in place, compiled once and reused by its identical
-    # siblings (a fraction of the compile time; the patch embedding and head run eager)
+    # siblings (the patch embedding and head run eager); "auto", blocks when the blocks are identical
+    # (CaiT, DeiT III: uniform drop path), else the model (DeiT's drop-path rate differs block by block)
     compile_scope: CompileScope = "model"
     channels_last: bool = False  # NHWC memory format (helps convnets such as the teacher, not ViTs)
     seed: int = 0

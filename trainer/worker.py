@@ -597,11 +597,11 @@ def build(config: TrainConfig, options: RunOptions, rank: int, world: int) -> Pa
     restored = _restore(options, train_shards.fingerprint)
     resized = restored is not None and _check_restored(restored, config, rank, world)
     bare = _student(config, restored.model if restored is not None else None)
-    if config.runtime.compile and config.runtime.compile_scope == "blocks":
-        compile_blocks(bare, config.runtime.compile_backend)  # in place, inside DDP
-    model = ray.train.torch.prepare_model(bare, move_to_device=device)
-    if config.runtime.compile and config.runtime.compile_scope == "model":
-        model = torch.compile(model, backend=config.runtime.compile_backend)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module, move_to_device=device)
+
+    model = compile_student(bare, config.runtime, wrap) if config.runtime.compile else wrap(bare)
     data_device = "cpu" if device.type == "cpu" else str(device)
     exact = config.scaling.min_workers == 0
     state = None
@@ -665,17 +665,55 @@ def _student(config: TrainConfig, state: dict[str, torch.Tensor] | None = None) 
 BLOCK_LISTS = ("blocks", "blocks_token_only")  # timm's ViT/DeiT/CaiT/ResMLP blocks; CaiT's class-attention ones
 
 
+def block_lists(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    return [list(getattr(model, name)) for name in BLOCK_LISTS if len(getattr(model, name, ())) > 0]
+
+
+def block_graphs(model: torch.nn.Module) -> int:
+    """How many graphs compiling ``model`` per block makes: one per distinct block of each list (blocks that
+    differ in a constant, such as DeiT's drop-path rate growing block by block, each get their own)."""
+    return sum(len({repr(block) for block in blocks}) for blocks in block_lists(model))
+
+
+def resolve_compile_scope(model: torch.nn.Module, scope: str) -> str:
+    """``runtime.compile_scope=auto``: per block when each block list is uniform (one graph a list: CaiT,
+    DeiT III, ResMLP), else the whole model (DeiT's growing drop-path rate); other scopes as given."""
+    if scope != "auto":
+        return scope
+    lists = block_lists(model)
+    return "blocks" if lists and block_graphs(model) == len(lists) else "model"
+
+
 def compile_blocks(model: torch.nn.Module, backend: str) -> int:
     """``runtime.compile_scope=blocks``: ``torch.compile`` each block of ``model``'s block lists in place
     (``nn.Module.compile``: the module and its state dict keys stay as they are, so DDP, checkpoints and EMA
     see the bare model). Identical blocks share one compiled graph. Returns how many blocks."""
-    blocks = [block for name in BLOCK_LISTS for block in getattr(model, name, ())]
+    import torch._dynamo.config
+
+    blocks = [block for blocks in block_lists(model) for block in blocks]
     if not blocks:
         raise ConfigError([f"runtime.compile_scope=blocks but {type(model).__name__} has no "
                            f"{' or '.join(BLOCK_LISTS)} to compile: set runtime.compile_scope=model"])
+    graphs = block_graphs(model)
+    if graphs > len(block_lists(model)):
+        log.warning("runtime.compile_scope=blocks: the %d blocks make %d distinct graphs (their drop-path rates "
+                    "differ), each compiled on its own, which is slower than one whole-model compile; set "
+                    "model.drop_path_uniform=true or runtime.compile_scope=model (or auto)", len(blocks), graphs)
+    # past torch.compile's recompile limit the rest would silently run eager: one graph a block is allowed
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 1)
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
+
+
+def compile_student(model: torch.nn.Module, runtime: Any, wrap: Any = None) -> torch.nn.Module:
+    """``runtime.compile``'s student, in its ``compile_scope`` (auto resolved on ``model``, the bare one):
+    its blocks compiled in place before ``wrap`` (DDP), or ``wrap``'s module compiled whole."""
+    wrap = wrap or (lambda module: module)
+    if resolve_compile_scope(model, runtime.compile_scope) == "blocks":
+        compile_blocks(model, runtime.compile_backend)
+        return wrap(model)
+    return torch.compile(wrap(model), backend=runtime.compile_backend)
 
 
 def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | None = None,
@@ -684,10 +722,8 @@ def local_parts(config: TrainConfig, device: torch.device, teacher: TeacherFn | 
     """Parts for one process without Ray (rank 0 of 1, no DDP, no tracking, nothing restored): the GPU
     benchmark and tests build the same step and evaluation as a worker does."""
     model = _student(config).to(device)
-    if compile_model and config.runtime.compile_scope == "blocks":
-        compile_blocks(model, config.runtime.compile_backend)
-    elif compile_model:
-        model = torch.compile(model, backend=config.runtime.compile_backend)
+    if compile_model:
+        model = compile_student(model, config.runtime)
     schedule = build_schedule(config, config.data.batch_size, max(steps_per_epoch, 1))
     optimizer = build_optimizer(model, config, schedule.peak, device)
     return Parts(config, RunOptions(), 0, 1, device, model, optimizer, schedule, build_ema(model, config), teacher,
