@@ -65,10 +65,10 @@ REGNETY_160_URL = "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth"
 # timm families that take ``img_size`` (patch-based: the position embedding / token mixing depends on
 # it); convnets (resnet, regnet) are resolution-agnostic and reject the keyword.
 _PATCH_FAMILIES = ("vit_", "deit", "cait_", "resmlp_")
-# A pretrained checkpoint is a file (local path or URL), never a model-hub download.
 # ModelConfig.talking_heads: the implementations of CaiT's attention ("sdpa": trainer.talking_heads)
 TALKING_HEADS: tuple[str, ...] = ("timm", "sdpa")
 COMPILE_SCOPES: tuple[str, ...] = ("model", "blocks", "auto")  # RuntimeConfig.compile_scope
+# A pretrained checkpoint is a file (local path or URL), never a model-hub download.
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "hf://", "timm/")
 
 

@@ -37,8 +37,8 @@ __all__ = ["TeacherActor", "RemoteTeacher", "Prepared", "lookahead", "actor_name
 class TeacherActor:
     """One teacher on one device (a GPU when the actor has one), eval mode, no gradients."""
 
-    def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool, compile_backend: str | None = None,
-                 ) -> None:
+    def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool,
+                 compile_backend: str | None = None) -> None:
         from trainer.checkpoint import load_pretrained
         from trainer.config import ModelConfig
 

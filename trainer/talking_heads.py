@@ -103,13 +103,15 @@ def check_against_timm(model: torch.nn.Module, device: torch.device, tokens: int
         hook.remove()
         layer.train(was_training)
         layer.zero_grad(set_to_none=True)
-    assert fed == [torch.bfloat16], f"the fused layer fed its projection {fed}, not bf16"
+    if fed != [torch.bfloat16]:
+        raise AssertionError(f"the fused layer fed its projection {fed}, not bf16")
 
     def err(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).abs().max() / b.abs().max()).item()
 
     ratio = max(err(f, r) / max(err(t, r), 1e-6) for f, t, r in zip(fused_bf16, timm_bf16, reference, strict=True))
-    assert ratio <= tolerance, f"the fused layer's bf16 error is {ratio:.1f}x timm's own (limit {tolerance})"
+    if ratio > tolerance:
+        raise AssertionError(f"the fused layer's bf16 error is {ratio:.1f}x timm's own (limit {tolerance})")
     return ratio
 
 

@@ -183,6 +183,22 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
         batches = lookahead(batches, p.augment, p.teacher)
     timer = _Timer()
     last = p.options.bench["warmup"] + p.options.bench["steps"] if p.options.bench else p.schedule.total_steps
+    try:
+        _train_steps(p, batches, timer, last)
+    finally:
+        if isinstance(p.teacher, RemoteTeacher):  # the look-ahead batch past the last step is not needed, and
+            p.teacher.close()  # after a failure no queued send may outlive Ray's workers
+    waited = p.writer.wait()  # the last checkpoint's write and report
+    if p.options.bench:  # a benchmark charges that wait to its steps
+        _add(p.timing, "checkpoint_wait_s", waited)
+        _add(p.timing, "checkpoint_stall_s", waited)
+        p.timing["bench"] = _bench_timing(p, timer)
+    p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
+    return _finish(p)
+
+
+def _train_steps(p: Parts, batches: Iterator, timer: _Timer, last: int) -> None:
+    """Steps until ``last``, with logging, evaluation and checkpoints when due."""
     while p.step < last:
         batch = timer.wait(batches)
         terms = train_step(p, batch)
@@ -199,15 +215,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> dict[str, Any] | None:
             checkpoint(p, {**p.last_eval} if evaluate_now else {})
             if not p.options.bench:  # a benchmark's checkpoints (bench["checkpoint_every"]) count as step time
                 timer.restart()  # img/s and the data-wait fraction measure training, not eval and checkpoints
-    if isinstance(p.teacher, RemoteTeacher):
-        p.teacher.close()  # the look-ahead batch past the last step is not needed
-    waited = p.writer.wait()  # the last checkpoint's write and report
-    if p.options.bench:  # a benchmark charges that wait to its steps
-        _add(p.timing, "checkpoint_wait_s", waited)
-        _add(p.timing, "checkpoint_stall_s", waited)
-        p.timing["bench"] = _bench_timing(p, timer)
-    p.timing["loop_s"] = time.time() - started - p.timing["build_s"]
-    return _finish(p)
 
 
 def _due(p: Parts) -> tuple[bool, bool]:
@@ -358,6 +365,12 @@ def evaluate(p: Parts) -> dict[str, float]:
 
 
 def _evaluate(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None) -> dict[str, float]:
+    # the bare model, eager: a whole-model compile wraps it (unwrap), per-block compiles sit inside it
+    with torch.compiler.set_stance("force_eager"):
+        return _evaluate_eager(p, loader, prefix, real)
+
+
+def _evaluate_eager(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None) -> dict[str, float]:
     model = unwrap(p.model)
     was_training = model.training
     model.eval()
@@ -670,8 +683,10 @@ def block_lists(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
 
 
 def block_graphs(model: torch.nn.Module) -> int:
-    """How many graphs compiling ``model`` per block makes: one per distinct block of each list (blocks that
-    differ in a constant, such as DeiT's drop-path rate growing block by block, each get their own)."""
+    """How many kinds of block ``model`` has: one per distinct block of each list (blocks that differ in a
+    constant, such as DeiT's drop-path rate growing block by block, each compile a graph of their own; a
+    block can also recompile once for other inputs: CaiT's first class-attention block sees the class
+    token expanded, the next ones a computed one)."""
     return sum(len({repr(block) for block in blocks}) for blocks in block_lists(model))
 
 
@@ -699,8 +714,9 @@ def compile_blocks(model: torch.nn.Module, backend: str) -> int:
         log.warning("runtime.compile_scope=blocks: the %d blocks make %d distinct graphs (their drop-path rates "
                     "differ), each compiled on its own, which is slower than one whole-model compile; set "
                     "model.drop_path_uniform=true or runtime.compile_scope=model (or auto)", len(blocks), graphs)
-    # past torch.compile's recompile limit the rest would silently run eager: one graph a block is allowed
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 1)
+    # past torch.compile's recompile limit the rest would silently run eager: room for a few graphs a block
+    # (a block's own constants; a new batch size recompiles once, with a dynamic batch dimension)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks) + 8)
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
