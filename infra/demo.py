@@ -59,12 +59,14 @@ MOSAIC_STUDENT = ["model.patch_size=8", "distill.teacher.img_size=64"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.demo import IMAGE_SETS
+
     parser = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-data", help="working folder (default demo-data)")
     parser.add_argument("--shards-url", help="where to build the shards (default: OUT/shards)")
     parser.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer epochs")
-    parser.add_argument("--data", choices=("digits", "mosaic"), default="digits",
+    parser.add_argument("--data", choices=tuple(IMAGE_SETS), default="digits",
                         help="digits (32 px), or mosaic (64 px: each image also shows a small digit of another "
                              "class, so that a crop can change the label; pipeline.demo.write_mosaic_tree)")
     parser.add_argument("--students", default="cache",
@@ -80,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.build import BuildConfig, build_shards
-    from pipeline.demo import IMAGE_SETS
     from pipeline.storage import Location
     from teacher_cache.build import CacheBuildConfig, build_cache
     from teacher_cache.teacher import TeacherSpec

@@ -27,7 +27,7 @@ from pipeline.dali_graph import eval_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
 from pipeline.transfer import to_device
-from pipeline.views import Views, batch_rng, draw_views, reflect_outside, replayed_views, step_rng
+from pipeline.views import batch_rng, draw_views, reflect_outside, replayed_image_views, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,8 @@ class TrainLoader:
         view_ids = None
         if self.data.augment.replay_views:  # k distinct crops of the image's fixed R
             view_ids = np.argsort(rng.random((len(samples), self.data.augment.replay_views)), axis=1)[:, :self.repeats]
-            views = replayed_views(self.data.augment.replay_seed, rows, view_ids.reshape(-1),
-                                   np.repeat(widths, self.repeats), np.repeat(heights, self.repeats), self.data.augment)
-            views = Views(views.boxes.reshape(len(samples), self.repeats, 4),
-                          views.flips.reshape(len(samples), self.repeats))
+            views = replayed_image_views(self.data.augment.replay_seed, np.array([s.row for s in samples]), view_ids,
+                                         widths, heights, self.data.augment)
             view_ids = view_ids.reshape(-1)
         else:
             views = draw_views(rng, widths, heights, self.repeats, self.data.augment)

@@ -177,6 +177,16 @@ def replayed_views(seed: int, rows: np.ndarray, view_ids: np.ndarray, widths: np
     return draw_views(KeyedUniforms(seed, keys), np.asarray(widths), np.asarray(heights), 1, cfg)
 
 
+def replayed_image_views(seed: int, rows: np.ndarray, view_ids: np.ndarray, widths: np.ndarray, heights: np.ndarray,
+                         cfg: AugmentConfig) -> Views:
+    """Views ``view_ids[i, j]`` of image i (manifest row ``rows[i]``, ``widths[i]`` x ``heights[i]``):
+    [n, k] boxes and flips, each the `replayed_views` view of its (row, view id)."""
+    n, k = np.shape(view_ids)
+    views = replayed_views(seed, np.repeat(rows, k), np.reshape(view_ids, -1), np.repeat(widths, k),
+                           np.repeat(heights, k), cfg)
+    return Views(views.boxes.reshape(n, k, 4), views.flips.reshape(n, k))
+
+
 def draw_views(rng: np.random.Generator | KeyedUniforms, widths: np.ndarray, heights: np.ndarray, repeats: int,
                cfg: AugmentConfig) -> Views:
     """``repeats`` independent views of each image: boxes and flips."""

@@ -37,7 +37,6 @@ from teacher_cache.teacher import Teacher, TeacherSpec
 log = logging.getLogger(__name__)
 
 
-
 def train_small_teacher(shards: ShardSet, name: str, size: int, steps: int, path: str, device: str) -> None:
     """A real (small) teacher, a few hundred steps, saved to ``path``, with the students' per-view
     augmentation (random resized crops, RandAugment, erasing; no mixing, so hard targets), as DeiT's

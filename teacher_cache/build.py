@@ -26,7 +26,7 @@ from pipeline.dali_graph import to_torch, train_graph, whole_image_graph
 from pipeline.progress import Progress
 from pipeline.storage import Location
 from pipeline.stream import PieceReader, Sample, ShardSet, StreamMetrics
-from pipeline.views import reflect_outside, replayed_views
+from pipeline.views import reflect_outside, replayed_image_views
 from teacher_cache.cache import (
     CacheMismatch,
     check_identity,
@@ -125,16 +125,15 @@ class ShardGraph:
 
 def _feed(samples: list[Sample], cfg: CacheBuildConfig) -> Any:
     """What the graph's source returns for one batch of images: their bytes, and for a replay cache each
-    image's R crops (`pipeline.views.replayed_views`) as the training loader feeds them."""
+    image's R crops (`pipeline.views.replayed_image_views`) as the training loader feeds them."""
     encoded = [np.frombuffer(s.data, dtype=np.uint8) for s in samples]
     if not cfg.views:
         return encoded
-    n, ids = len(samples), np.tile(np.arange(cfg.views), len(samples))
-    views = replayed_views(cfg.seed, np.repeat([s.row for s in samples], cfg.views), ids,
-                           np.repeat([s.width for s in samples], cfg.views),
-                           np.repeat([s.height for s in samples], cfg.views), cfg.augment)
-    return (encoded, list(views.boxes.reshape(n, cfg.views, 4)), list(views.flips.reshape(n, cfg.views)),
-            [np.array(0, dtype=np.int64)] * n)
+    n = len(samples)
+    views = replayed_image_views(cfg.seed, np.array([s.row for s in samples]), np.tile(np.arange(cfg.views), (n, 1)),
+                                 np.array([s.width for s in samples]), np.array([s.height for s in samples]),
+                                 cfg.augment)
+    return encoded, list(views.boxes), list(views.flips), [np.array(0, dtype=np.int64)] * n
 
 
 def _teacher_input(out: Any, feed: Any, teacher: Teacher, cfg: CacheBuildConfig) -> torch.Tensor:

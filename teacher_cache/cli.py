@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import AugmentConfig
+from pipeline.demo import IMAGE_SETS
 from pipeline.storage import Location, parse_storage_options
 from teacher_cache.cache import CacheMismatch
 from teacher_cache.teacher import TeacherError, TeacherSpec
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--topk", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--teacher-steps", type=int, default=300)
-    bench.add_argument("--data", choices=("digits", "mosaic"), default="digits",
+    bench.add_argument("--data", choices=tuple(IMAGE_SETS), default="digits",
                        help="the set generated when no --shards is given: digits, or mosaic (a small digit of "
                             "another class in each image: a crop can change the label)")
     bench.add_argument("--size", type=int, help="side of the generated images and of the train views "

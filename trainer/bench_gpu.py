@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import COMPILE_SCOPES, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
     """``flops``: FLOPs per view by model, counted once on the eager step with timm's layers and shared with
     the compiled and the fused-attention rows (MFU counts the model's work, not the fused path's extra).
     A compiled row's note gives its first step's time, the compile's cost."""
-    from trainer.worker import local_parts, resolve_compile_scope, train_step
+    from trainer.worker import _sync, local_parts, resolve_compile_scope, train_step
 
     def measure(name: str, compile_model: bool, variant: str) -> GpuRow:
         config, p, teacher, batches = _model_parts(name, s, device, compile_model, _VARIANTS[variant])
@@ -298,11 +298,6 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
 
 def _model_row(name: str, compiled: bool, variant: str = "") -> str:
     return f"{name}{variant}{' compiled' if compiled else ''}"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _model_parts(name: str, s: Settings, device: torch.device, compile_model: bool = False,
@@ -1018,7 +1013,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="timm model in place of the recipes' teacher (default: the recipe's)")
     p.add_argument("--compile", default="deit_s,cait_xxs24,cait_s24", metavar="MODELS",
                    help="models whose model-only step is also timed torch.compile'd ('' for none; ~1 min each)")
-    p.add_argument("--compile-scope", choices=("model", "blocks", "auto"), default="auto",
+    p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="auto",
                    help="runtime.compile_scope of the compiled rows (default auto: per block where the blocks are "
                         "alike, CaiT's, a fraction of the whole model's compile, which a lent GPU's minutes cannot "
                         "spare; DeiT's whole)")

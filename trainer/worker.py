@@ -705,12 +705,13 @@ def compile_blocks(model: torch.nn.Module, backend: str) -> int:
     see the bare model). Identical blocks share one compiled graph. Returns how many blocks."""
     import torch._dynamo.config
 
-    blocks = [block for blocks in block_lists(model) for block in blocks]
+    lists = block_lists(model)
+    blocks = [block for blocks in lists for block in blocks]
     if not blocks:
         raise ConfigError([f"runtime.compile_scope=blocks but {type(model).__name__} has no "
                            f"{' or '.join(BLOCK_LISTS)} to compile: set runtime.compile_scope=model"])
     graphs = block_graphs(model)
-    if graphs > len(block_lists(model)):
+    if graphs > len(lists):
         log.warning("runtime.compile_scope=blocks: the %d blocks make %d distinct graphs (their drop-path rates "
                     "differ), each compiled on its own, which is slower than one whole-model compile; set "
                     "model.drop_path_uniform=true or runtime.compile_scope=model (or auto)", len(blocks), graphs)
