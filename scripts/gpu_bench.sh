@@ -36,5 +36,7 @@ out=${OUT:-/tmp/bench-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true
 df -h /dev/shm | tee -a "$out/gpu.txt" || true  # the peers' DataLoader workers hand batches over through it
-python3 -c "import nvidia.dali, torch; print('DALI', nvidia.dali.__version__, 'torch', torch.__version__)"
+python3 -c "import sys, nvidia.dali, numpy, timm, torch; print('Python', sys.version.split()[0], 'DALI', \
+  nvidia.dali.__version__, 'torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__)" \
+  | tee -a "$out/gpu.txt"
 python3 -m trainer.bench_gpu --write "$out/BENCHMARKS-gpu.md" "$@" 2>"$out/bench_gpu.log"
