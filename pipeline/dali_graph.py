@@ -105,6 +105,19 @@ def whole_image_graph(source: Callable[[], tuple], batch_size: int, resolution: 
     return graph()
 
 
+def run_graph(pipe, device_id: int | None) -> tuple:
+    """One ``pipe.run()``. A graph on a GPU returns its outputs on torch's current stream: its outputs are
+    then stream-ordered, and `to_torch`'s copy (queued on that stream) waits for them on the GPU. Without a
+    stream they are host-synchronous, and DALI makes the host wait for a copy out of a host-ordered buffer
+    to end, i.e. for everything already queued on torch's stream (the previous training step), which would
+    take the host's lead away at every batch and count the step's GPU time as data wait."""
+    if device_id is None:
+        return pipe.run()
+    import torch
+
+    return pipe.run(torch.cuda.current_stream(device_id))
+
+
 def to_torch(batch, device: str):
     """A DALI TensorList (CPU or GPU) -> a torch tensor on ``device`` that owns its memory (DALI reuses its
     buffers). A CPU TensorList (e.g. the labels of a GPU graph, which come from the external source)

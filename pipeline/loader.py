@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.dali_graph import eval_graph, to_torch, train_graph
+from pipeline.dali_graph import eval_graph, run_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
 from pipeline.transfer import to_device
@@ -137,8 +137,8 @@ class TrainLoader:
         self._samples: Iterator[Sample] | None = None
         self._pending: deque[_Pending] = deque()
         self._next_step = self.step
-        device_id = None if device == "cpu" else torch.device(device).index or 0
-        self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, device_id,
+        self._device_id = None if device == "cpu" else torch.device(device).index or 0
+        self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, self._device_id,
                                 num_threads=dali_threads, seed=data.stream.seed + rank)
 
     @property
@@ -180,7 +180,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.pipe.build()
         while True:
-            views, labels = self.pipe.run()
+            views, labels = run_graph(self.pipe, self._device_id)
             meta = self._pending.popleft()
             images = to_torch(views, self.device)  # [n, k, S, S, 3]
             n, k, size = images.shape[0], images.shape[1], images.shape[2]
@@ -216,8 +216,8 @@ class EvalLoader:
         self.pieces = PieceReader(shards, data.stream, self.metrics)
         self._batches: Iterator[list[Sample]] = iter(())
         self._current: deque[list[Sample]] = deque()
-        device_id = None if device == "cpu" else torch.device(device).index or 0
-        self.pipe = eval_graph(self._feed, batch_size, data.augment, device_id, num_threads=dali_threads)
+        self._device_id = None if device == "cpu" else torch.device(device).index or 0
+        self.pipe = eval_graph(self._feed, batch_size, data.augment, self._device_id, num_threads=dali_threads)
         self._built = False
 
     def __len__(self) -> int:
@@ -256,7 +256,7 @@ class EvalLoader:
         self._current.clear()
         while True:
             try:
-                images, labels = self.pipe.run()
+                images, labels = run_graph(self.pipe, self._device_id)
             except StopIteration:
                 return
             samples = self._current.popleft()

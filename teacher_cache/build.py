@@ -22,7 +22,7 @@ import torch
 from infra.raycluster import init_ray
 from pipeline.batch_aug import normalize
 from pipeline.config import AugmentConfig, StreamConfig
-from pipeline.dali_graph import to_torch, train_graph, whole_image_graph
+from pipeline.dali_graph import run_graph, to_torch, train_graph, whole_image_graph
 from pipeline.progress import Progress
 from pipeline.storage import Location
 from pipeline.stream import PieceReader, Sample, ShardSet, StreamMetrics
@@ -88,12 +88,13 @@ class ShardGraph:
         device_id = (teacher.device.index or 0) if teacher.device.type == "cuda" else None
         if cfg.views:
             return cls(lambda source: train_graph(source, cfg.images_per_batch, cfg.views, cfg.augment, device_id,
-                                                  num_threads=cfg.dali_threads))
+                                                  num_threads=cfg.dali_threads), device_id)
         return cls(lambda source: whole_image_graph(source, cfg.batch_size, teacher.spec.resolution, device_id,
-                                                    cfg.dali_threads))
+                                                    cfg.dali_threads), device_id)
 
-    def __init__(self, graph: Callable[[Callable[[], Any]], Any]) -> None:
+    def __init__(self, graph: Callable[[Callable[[], Any]], Any], device_id: int | None = None) -> None:
         self._graph = graph  # source -> an unbuilt DALI pipeline
+        self._device_id = device_id  # the graph's GPU (its outputs come on torch's stream there), None: CPU
         self._feed: deque[Any] = deque()
         self._pipe: Any = None
         self._ended = False  # the last pass ran to its end (its source said so): reset() starts the next
@@ -118,7 +119,7 @@ class ShardGraph:
         self._feed.clear()
         self._feed.extend(feeds)
         for i in range(len(feeds)):
-            out = self._pipe.run()[0]
+            out = run_graph(self._pipe, self._device_id)[0]
             self._ended = i == len(feeds) - 1
             yield out
 

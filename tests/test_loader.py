@@ -272,3 +272,46 @@ def test_an_elastic_resize_resumes_at_the_next_pass_of_the_new_worker_count(shar
     assert plan_batch(12, 5, 1, exact=False) == 2 and effective_batch(12, 5, 1, exact=False) == 10
     with pytest.raises(ValueError, match="not divisible"):
         plan_batch(12, 5, 1)
+
+
+def test_graphs_on_a_gpu_hand_their_outputs_over_on_torchs_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_graph` asks DALI for stream-ordered outputs on torch's current stream of the graph's GPU (the
+    copy out then waits on the GPU, not on the host), and for the plain host-synchronous run on a CPU."""
+    from pipeline import dali_graph
+
+    asked: list[tuple] = []
+
+    class Pipe:
+        def run(self, *stream):
+            asked.append(stream)
+            return ("views", "labels")
+
+    streams = {}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams.setdefault(device, object()))
+    assert dali_graph.run_graph(Pipe(), None) == ("views", "labels")
+    assert dali_graph.run_graph(Pipe(), 1) == ("views", "labels")
+    assert asked == [(), (streams[1],)]
+
+
+def test_every_loader_and_the_cache_build_run_their_graphs_through_run_graph(
+        shards: ShardSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaders and the cache build's graph run DALI through `run_graph` with their graph's device (on a
+    GPU a plain ``pipe.run()`` is the host-synchronous run, which stalls the host behind the queued step)."""
+    from pipeline import dali_graph, loader
+    from teacher_cache import build
+
+    seen: list[int | None] = []
+
+    def spy(pipe, device_id):
+        seen.append(device_id)
+        return dali_graph.run_graph(pipe, device_id)
+
+    monkeypatch.setattr(loader, "run_graph", spy)
+    monkeypatch.setattr(build, "run_graph", spy)
+    next(iter(TrainLoader(shards, _data(), device="cpu")))
+    next(iter(EvalLoader(shards, _data(), batch_size=8, device="cpu")))
+    samples = SampleStream(shards, StreamConfig(shuffle_buffer=4), threads=1).take(4)
+    graph = build.ShardGraph(lambda source: dali_graph.whole_image_graph(source, 4, SIZE, None, 1))
+    feeds = [[np.frombuffer(x.data, dtype=np.uint8) for x in samples]]
+    assert len(list(graph(feeds))) == 1
+    assert seen == [None, None, None]
