@@ -47,10 +47,13 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     assert "| peers | deit_b_distill, online teacher, timm+PIL |" in table
     assert re.search(r"^\| full pipeline \| deit_s_distill, replay cache teacher, x3 \| [\d,]+ \| [\d.]+% \|.*"
                      r"its cache of 6 crops per image built in", table, re.M), "the replay row ran"
-    assert table.count("| DALI alone |") == 4 and table.count("| batch augmentation | RandAugment alone") == 3
+    assert re.search(r"^\| DALI alone \| outputs on torch's stream \(check\) \| - \|.*copy out behind 0 ms of "
+                     r"queued GPU work: [\d.]+ ms with outputs on torch's stream \(run_graph\), [\d.]+ ms "
+                     r"host-synchronous \|$", table, re.M)
+    assert table.count("| DALI alone |") == 5 and table.count("| batch augmentation | RandAugment alone") == 3
     assert "full pipeline (cache, x3) / model only" in table
     assert re.search(r"^\| remote teacher \| send path, no Ray \| [\d,]+ \| - \| - \| - \| "
-                     r".*a send; 3 arrived intact \|$", table, re.M)  # the warm-up's and 2 timed sends, checked
+                     r".*a send; 4 sent, the first and the last checked: 2 intact \|$", table, re.M)  # --quick: 2 timed
     assert "| batch augmentation | DALI stock rand_augment n=2 m=9 (baseline) | " in table
     assert "RandAugment: ours (timm's semantics) / DALI stock rand_augment" in table
     for where in ("on the training thread", "in the background"):  # --quick: 2 timed steps, one checkpoint

@@ -749,12 +749,71 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
                                     ("decode once -> 3 RRC views", 3, False),
                                     ("decode once -> 3 views + batch augmentation", 3, True)):
         rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g), priority=DALI)
+    rows.add("DALI alone", "outputs on torch's stream (check)", lambda: _dali_output_order(s, device, shards),
+             priority=DALI)
     for chunk in (None, 1 << 22, 1 << 30):  # the default chunk of images per kernel, 4x it, the whole batch
         label = f"RandAugment alone, chunk {'default' if chunk is None else f'{chunk >> 20} Mpx'}"
         rows.add("batch augmentation", label, lambda c=chunk, a=label: _rand_augment_alone(s, device, c, a),
                  priority=DALI if chunk is None else LAST)
     rows.add("batch augmentation", DALI_STOCK_RA, lambda: _dali_stock_rand_augment(s, device, DALI_STOCK_RA),
              priority=DALI)
+
+
+def _queue_gpu_work(device: torch.device, seconds: float) -> float:
+    """Queue about ``seconds`` of bf16 matrix products on torch's current stream and return at once (after
+    one timed product that sizes the queue); the seconds queued. Off a GPU: none, 0."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    a @ a
+    torch.cuda.synchronize(device)
+    one = time.perf_counter() - started
+    count = max(1, int(seconds / max(one, 1e-6)))
+    for _ in range(count):
+        a @ a
+    return count * one
+
+
+def _dali_output_order(s: Settings, device: torch.device, shards) -> GpuRow:
+    """Checks `pipeline.dali_graph.run_graph` on this device: with a graph's outputs on torch's stream, copying
+    a batch out (`to_torch`) queues behind the GPU work already on that stream instead of making the host wait
+    for it, which DALI's host-synchronous outputs (``pipe.run()`` with no stream) do. Each way, one batch of
+    whole images is taken from the graph, ~0.2 s of matrix products are queued, and the copy's host time is
+    timed. Off a GPU nothing is queued and the two calls are the same."""
+    from pipeline.config import StreamConfig
+    from pipeline.dali_graph import run_graph, to_torch, whole_image_graph
+    from pipeline.stream import SampleStream
+    from trainer.worker import _sync
+
+    samples = SampleStream(shards, StreamConfig(shuffle_buffer=16), threads=1).take(min(s.batch, len(shards)))
+    encoded = [np.frombuffer(x.data, dtype=np.uint8) for x in samples]
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    dev = "cpu" if device_id is None else str(device)
+    pipe = whole_image_graph(lambda: encoded, len(encoded), s.size, device_id, s.threads)
+    pipe.build()
+
+    def host_wait(stream_ordered: bool) -> tuple[float, float]:
+        out = (run_graph(pipe, device_id) if stream_ordered else pipe.run())[0]
+        _sync(device)
+        queued = _queue_gpu_work(device, 0.2)
+        started = time.perf_counter()
+        images = to_torch(out, dev)
+        waited = time.perf_counter() - started
+        _sync(device)
+        if images.shape[0] != len(encoded):
+            raise AssertionError(f"the copy holds {images.shape[0]} images, the graph made {len(encoded)}")
+        return waited, queued
+
+    host_wait(True)  # warm-up: allocations, the matrices' kernels
+    old, _ = host_wait(False)
+    new, queued = host_wait(True)
+    note = (f"host time of a {len(encoded)}-image batch's copy out behind {queued * 1e3:.0f} ms of queued GPU work: "
+            f"{new * 1e3:.1f} ms with outputs on torch's stream (run_graph), {old * 1e3:.1f} ms host-synchronous")
+    if device.type == "cuda" and new > 0.5 * queued:
+        raise AssertionError(f"stream-ordered outputs still made the host wait: {note}")
+    return GpuRow("DALI alone", "outputs on torch's stream (check)", None, note=note)
 
 
 def _random_views(s: Settings, device: torch.device) -> torch.Tensor:
@@ -803,12 +862,15 @@ def _dali_stock_rand_augment(s: Settings, device: torch.device, label: str) -> G
 def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
     """``distill.source=remote``'s send path on this device, without Ray (none here): a step's batch of
     views (``s.batch`` at ``s.size`` px, bf16 on a GPU) copied to pinned host memory on a side stream and
-    handed to a stand-in actor handle, which checks it against a plain copy. The rate is batches sent
-    back to back; in training each send overlaps a step."""
+    handed to a stand-in actor handle, which checks it against a plain copy. The rate is sends one after
+    the other, as training makes one a step (so one pinned buffer serves them all); in training each
+    send overlaps a step. The check runs on the warm-up's send and on one after the timed ones, outside
+    the timing (it compares the whole batch on the host)."""
     from trainer.remote_teacher import RemoteTeacher
 
     def measure() -> GpuRow:
-        arrived = {"intact": 0, "changed": 0, "pageable": 0}
+        arrived = {"intact": 0, "changed": 0, "pageable": 0, "sent": 0}
+        checking = [True]
         transport = torch.bfloat16 if device.type == "cuda" else torch.float32
         x = torch.randn(s.batch, 3, s.size, s.size, device=device)
         expected = x.to(transport).cpu()
@@ -817,17 +879,22 @@ def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
             class logits:  # noqa: N801 - Ray's serialisation lets go of the pinned buffer for the next send
                 @staticmethod
                 def remote(host: torch.Tensor) -> int:
-                    arrived["intact" if torch.equal(host, expected) else "changed"] += 1
+                    arrived["sent"] += 1
                     arrived["pageable"] += device.type == "cuda" and not host.is_pinned()
-                    return arrived["intact"]
+                    if checking[0]:
+                        arrived["intact" if torch.equal(host, expected) else "changed"] += 1
+                    return arrived["sent"]
 
         remote = RemoteTeacher(Standin(), transport)
         try:
-            remote._send(x).result()  # warm-up: the stream, the pinned allocator
+            remote._send(x).result()  # warm-up: the stream, the pinned allocator; checked
+            checking[0] = False
             started = time.perf_counter()
-            sent = [remote._send(x) for _ in range(s.steps)]
-            [f.result() for f in sent]
+            for _ in range(s.steps):
+                remote._send(x).result()
             seconds = time.perf_counter() - started
+            checking[0] = True
+            remote._send(x).result()  # after the timed sends: checked
         finally:
             remote.close()
         if arrived["changed"] or arrived["pageable"]:
@@ -835,7 +902,8 @@ def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
                                  f"and {arrived['pageable']} not in pinned memory")
         return GpuRow("remote teacher", "send path, no Ray", s.steps * s.batch / seconds,
                       note=f"{s.batch} views of {s.size} px ({expected.element_size() * expected.numel() / 1e6:.0f} MB "
-                           f"{str(transport).removeprefix('torch.')}) a send; {arrived['intact']} arrived intact"
+                           f"{str(transport).removeprefix('torch.')}) a send; {arrived['sent']} sent, the first and "
+                           f"the last checked: {arrived['intact']} intact"
                            f"{', pinned' if device.type == 'cuda' else ''}")
 
     rows.add("remote teacher", "send path, no Ray", measure, priority=MORE)
