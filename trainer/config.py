@@ -333,7 +333,8 @@ class RuntimeConfig:
     # siblings (the patch embedding and head run eager); "auto", blocks when the blocks are identical
     # (CaiT, DeiT III: uniform drop path), else the model (DeiT's drop-path rate differs block by block)
     compile_scope: CompileScope = "model"
-    channels_last: bool = False  # NHWC memory format (helps convnets such as the teacher, not ViTs)
+    channels_last: bool = False  # the student's NHWC memory format (helps convnets, not ViTs); a teacher runs
+    # NHWC on a GPU whatever this says, and also off one when this is set
     seed: int = 0
 
 

@@ -47,7 +47,7 @@ class TeacherActor:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         model = config.build()
         self.sha256 = load_pretrained(model, config.pretrained_path)["sha256"] if config.pretrained_path else ""
-        if channels_last:
+        if channels_last or self.device.type == "cuda":  # on a GPU always, as the online and cache teachers
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device).eval().requires_grad_(False)
         if compile_backend:  # distill.compile_teacher

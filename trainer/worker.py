@@ -822,8 +822,8 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     else:
         log.warning("distill.teacher.pretrained_path is not set: the teacher has random weights")
         identity["teacher.weights"] = "random"
-    if config.runtime.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
+    if config.runtime.channels_last or device.type == "cuda":  # on a GPU always, as the cache build's teacher:
+        teacher = teacher.to(memory_format=torch.channels_last)  # a convnet's (RegNetY's) bf16 kernels are NHWC
     teacher = teacher.to(device).eval().requires_grad_(False)
     if d.compile_teacher:
         teacher = torch.compile(teacher, backend=config.runtime.compile_backend)
