@@ -267,10 +267,49 @@ def _op_args(name: str, magnitude: np.ndarray, negate: np.ndarray, width: int, h
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per image and channel lookup table (PIL's ``Image.point`` with a 768-entry list): lut [k, C, 256]."""
+    """Per image and channel lookup table (PIL's ``Image.point`` with a 768-entry list): lut [k, C, 256].
+
+    On a CPU each (image, channel) plane is looked up by numpy in x's own strides: ~3x faster than torch's
+    indexing, which first builds an int64 index the size of the batch (the GPU's way: one kernel)."""
+    return _lut_per_plane(x, lut) if x.device.type == "cpu" else _lut_by_index(x, lut)
+
+
+def _lut_per_plane(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    table = lut.to(torch.uint8).cpu().numpy()
+    out = torch.empty_like(x)
+    src, dst = x.numpy(), out.numpy()
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            dst[i, j] = table[i, j][src[i, j]]
+    return out
+
+
+def _lut_by_index(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     k, c = x.shape[:2]
     base = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
     return lut.to(torch.uint8).reshape(-1)[x.long() + base]
+
+
+def _histograms(x: torch.Tensor) -> torch.Tensor:
+    """int64 [k, C, 256]: each (image, channel) plane's histogram. On a CPU numpy's bincount per plane (~7x
+    faster than a scatter over an int64 index of the batch); on a GPU one scatter_add_ (CUDA's bincount
+    reads its maximum back to the host: a sync)."""
+    return _histograms_per_plane(x) if x.device.type == "cpu" else _histograms_by_scatter(x)
+
+
+def _histograms_per_plane(x: torch.Tensor) -> torch.Tensor:
+    k, c = x.shape[:2]
+    planes = x.numpy()
+    counts = [np.bincount(planes[i, j].ravel(), minlength=256) for i in range(k) for j in range(c)]
+    return torch.from_numpy(np.stack(counts).astype(np.int64)).view(k, c, 256)
+
+
+def _histograms_by_scatter(x: torch.Tensor) -> torch.Tensor:
+    k, c = x.shape[:2]
+    base = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
+    index = (x.long() + base).reshape(-1)
+    hist = torch.zeros(k * c * 256, dtype=torch.int64, device=x.device)
+    return hist.scatter_add_(0, index, torch.ones_like(index)).view(k, c, 256)
 
 
 def _identity_lut(x: torch.Tensor) -> torch.Tensor:
@@ -293,15 +332,11 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """timm ``equalize`` -> ``ImageOps.equalize(img)``: per channel histogram (one scatter_add for the batch),
+    """timm ``equalize`` -> ``ImageOps.equalize(img)``: per channel histogram (`_histograms`),
     step = (pixels - count of the last non-empty bin) // 255, lut[i] = (step // 2 + sum(h[:i])) // step,
     clipped to 255 by ``Image.point``; identity when fewer than two bins are used or step is 0."""
     k, c, h, w = x.shape
-    base = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
-    index = (x.long() + base).reshape(-1)
-    # scatter_add_ rather than bincount: CUDA bincount reads the maximum back to the host (a sync)
-    hist = torch.zeros(k * c * 256, dtype=torch.int64, device=x.device)
-    hist = hist.scatter_add_(0, index, torch.ones_like(index)).view(k, c, 256)
+    hist = _histograms(x)
     used = hist > 0
     last = 255 - used.flip(-1).to(torch.int32).argmax(-1)  # highest non-empty bin
     step = (h * w - hist.gather(-1, last[..., None].long())[..., 0]) // 255

@@ -470,6 +470,27 @@ def test_chunking_never_changes_the_result(images: np.ndarray):
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided crop"])
+def test_cpu_lookups_equal_the_gpu_kernels(images: np.ndarray, layout: str):
+    """The LUT ops' two implementations give the same tensors: numpy per plane (what a CPU runs) and one
+    index / scatter kernel over the batch (what a GPU runs, here run on the CPU's tensors)."""
+    from pipeline import randaugment as ra
+
+    batch = to_batch(images)
+    if layout == "nchw":
+        batch = batch.contiguous()
+    elif layout == "strided crop":
+        batch = batch[:, :, 2:-3, 1:-4]
+    assert torch.equal(ra._histograms_per_plane(batch), ra._histograms_by_scatter(batch))
+    assert int(ra._histograms_per_plane(batch).sum()) == batch.numel()
+    lut = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (batch.shape[0], 3, 256)))
+    ours = ra._lut_per_plane(batch, lut)
+    assert torch.equal(ours, ra._lut_by_index(batch, lut))
+    assert ours.shape == batch.shape and ours.dtype == torch.uint8
+    plane = batch[4, 1].numpy()  # the flat image: one value per channel
+    assert (ours[4, 1].numpy() == lut[4, 1].numpy()[plane]).all()
+
+
 def test_dali_stock_baseline_augments_the_views_it_times():
     """The DALI baseline of the bench really runs RandAugment (n=2, m=9) on the given views: same shape,
     and most views changed, differently on two runs."""
