@@ -170,6 +170,7 @@ def up(
                         gcs_port=ports.ray_gcs,
                         num_cpus=ray_num_cpus,
                         object_store_memory=ray_object_store_memory,
+                        env=service_env(records),  # its workers and jobs reach the S3 and MLflow servers
                     ).to_record()
                 records.append(record)
                 # Recorded after each service, so a crash half-way still leaves `down` a record.

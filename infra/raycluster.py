@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,8 +252,13 @@ def start_ray_head(
     num_gpus: int | None = None,
     object_store_memory: int | None = None,
     timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
 ) -> RayHead:
     """Start a Ray head and wait until its job server answers ``GET /api/version``.
+
+    ``env``: variables for the head's processes, which its workers and the jobs submitted to it inherit
+    (``ray job submit`` does not pass the submitter's environment on): the local stack gives it the S3
+    server's and the MLflow server's, so that training on ``s3://`` and logging to MLflow work from a job.
 
     ``None`` ports are picked free; explicit ports that are taken raise
     :class:`infra.procs.PortInUseError` naming ``--ray-dashboard-port`` / ``--ray-port``.
@@ -288,7 +294,7 @@ def start_ray_head(
         SERVICE_NAME,
         argv,
         state,
-        env={**RAY_HEAD_ENV, "RAY_AUTH_TOKEN_PATH": str(token_path)},
+        env={**(env or {}), **RAY_HEAD_ENV, "RAY_AUTH_TOKEN_PATH": str(token_path)},
         # RAY_AUTH_TOKEN would take precedence over our token file.
         unset_env=("RAY_ADDRESS", "RAY_AUTH_TOKEN"),
     )

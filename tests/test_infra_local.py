@@ -237,13 +237,17 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
     state_dir = tmp_path / "r"
     short = ray_temp_dir(state_dir)
     assert short.name.startswith("distillery-ray-"), "this test covers the short temp dir"
-    dashboard_port, gcs_port = find_free_port(), find_free_port()
+    dashboard_port, gcs_port, s3_port, mlflow_port = (find_free_port() for _ in range(4))
     common = ["--state-dir", str(state_dir)]
     up = run_cli(
         "up",
         *common,
-        "--only",
-        "ray",
+        "--s3-port",
+        str(s3_port),
+        "--mlflow-port",
+        str(mlflow_port),
+        "--ray-dashboard-port",
+        str(dashboard_port),
         "--ray-dashboard-port",
         str(dashboard_port),
         "--ray-port",
@@ -257,7 +261,7 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
     family: set[int] = set()
     try:
         assert up.returncode == 0, up.stderr
-        head = RayHead.from_record(read_state(state_dir)[0])
+        head = RayHead.from_record(next(r for r in read_state(state_dir) if r.name == "ray"))
         family.update(head_processes(head))
         assert f"export RAY_ADDRESS=http://127.0.0.1:{dashboard_port}" in up.stdout
         assert f"export DISTILLERY_RAY_GCS_ADDRESS=127.0.0.1:{gcs_port}" in up.stdout
@@ -279,7 +283,9 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
                 "--",
                 "python",
                 "-c",
-                "print('hello from ray')",
+                # jobs do not get the submitter's environment: what the head was started with
+                "import os; print('hello from ray', os.environ.get('AWS_ENDPOINT_URL'), "
+                "os.environ.get('MLFLOW_TRACKING_URI'))",
             ],
             env=env,
             capture_output=True,
@@ -287,7 +293,7 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
             timeout=120,
         )
         assert job.returncode == 0, job.stdout + job.stderr
-        assert "hello from ray" in job.stdout
+        assert f"hello from ray http://127.0.0.1:{s3_port} http://127.0.0.1:{mlflow_port}" in job.stdout
         assert f"Job '{submission_id}' succeeded" in job.stdout + job.stderr
 
         # The job server wants this head's token: without it 401, with it the job's record.
@@ -307,6 +313,6 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
     leftovers = [pid for pid in family if pid_alive(pid)]
     assert not leftovers, f"Ray processes left behind: {leftovers}"
     assert head_processes(head) == []
-    assert is_port_free(dashboard_port) and is_port_free(gcs_port)
+    assert all(is_port_free(port) for port in (dashboard_port, gcs_port, s3_port, mlflow_port))
     assert head.temp_dir == str(short) and not short.exists(), "the short temp dir is scratch"
     assert (state_dir / "ray.log").exists()
