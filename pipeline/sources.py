@@ -24,6 +24,7 @@ must go into ``classes.json``.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}
 )
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt", "val.txt")
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -71,11 +74,25 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+SPLIT_NAMES = ("train", "val", "validation", "test")  # folders that mark --src as a dataset root
+
+
 def resolve_split_dir(root: Path, split: str) -> Path:
+    """``root/<split>`` when it exists, else ``root`` itself as the split's folder, except where ``root``
+    holds other splits' folders (then its class folders would be "train", "val": a wrong dataset)."""
     if not root.is_dir():
         raise SourceError(f"--src {root}: not a folder; pass the ImageNet root or one split's folder")
     candidate = root / split
-    return candidate if candidate.is_dir() else root
+    if candidate.is_dir():
+        return candidate
+    splits = sorted(name for name in SPLIT_NAMES if (root / name).is_dir())
+    if splits:
+        raise SourceError(f"--src {root} has no '{split}' folder (it holds {', '.join(s + '/' for s in splits)}): "
+                          f"pass --split {' or --split '.join(splits)}, or --src one split's folder")
+    if root.name in SPLIT_NAMES and root.name != split:
+        log.warning("--src %s is a '%s' folder, built as split '%s' (pass --split %s to name it so)",
+                    root, root.name, split, root.name)
+    return root
 
 
 def scan(root: str | os.PathLike, split: str = "train", labels_file: str | None = None,

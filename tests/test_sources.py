@@ -106,3 +106,25 @@ def test_symlink_loop_does_not_hang(tmp_path: Path) -> None:
     (tmp_path / "train" / "n01000000" / "loop").symlink_to(tmp_path / "train", target_is_directory=True)
     listing = scan(tmp_path, "train")
     assert len(listing.samples) == 4
+
+
+def test_a_split_missing_from_a_dataset_root_is_refused_not_built_from_the_other_splits(tmp_path: Path) -> None:
+    """--split test over a root holding train/ and val/ must not make "train" and "val" two classes."""
+    make_tree(tmp_path, "train", num_classes=2, per_class=2, defects=False)
+    make_tree(tmp_path, "val", num_classes=2, per_class=1, defects=False)
+    with pytest.raises(SourceError, match=r"has no 'test' folder \(it holds train/, val/\): pass --split train "
+                                          r"or --split val"):
+        scan(tmp_path, "test")
+    assert scan(tmp_path, "val").classes == scan(tmp_path, "train").classes  # the splits themselves build
+
+
+def test_one_split_folder_as_src_builds_and_says_when_its_name_differs(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    make_tree(tmp_path, "val", num_classes=2, per_class=2, defects=False)
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        listing = scan(tmp_path / "val", "train")
+    assert len(listing.samples) == 4 and "is a 'val' folder, built as split 'train'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        scan(tmp_path / "val", "val")
+    assert caplog.text == ""
