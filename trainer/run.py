@@ -70,7 +70,8 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
         tracking_uri = ""
     elif (warning := local_tracking_warning(tracking_uri, run_dir)) is not None:
         log.warning("%s", warning)
-    connect_ray(config.scaling.num_workers)
+    joined = connect_ray(config.scaling.num_workers)
+    check_gpus(config, joined)
     options = replace(options, name=name, run_dir=run_dir, tracking_uri=tracking_uri,
                       resume=_absolute(resume) if resume else options.resume,
                       code_version=options.code_version or code_version(), ray_job_id=options.ray_job_id or _job_id())
@@ -168,8 +169,12 @@ def _storage(storage: str) -> tuple[str, Any]:
     return storage.split("://", 1)[1], fs
 
 
-def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
-    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process).
+_joined_cluster = False  # whether this process's Ray is a cluster it joined (else one connect_ray started)
+
+
+def connect_ray(num_workers: int, temp_dir: str | None = None) -> bool:
+    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process);
+    True when it joined one (which an autoscaler may grow), False for the local Ray of this machine alone.
 
     The local Ray has ``max(num_workers, cores)`` CPUs and its dashboard on a free loopback port: Ray Train
     V2's placement-group cleaner asks the dashboard's state API whether the controller is alive (without
@@ -177,8 +182,9 @@ def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
     """
     import ray
 
+    global _joined_cluster
     if ray.is_initialized():
-        return
+        return _joined_cluster
     address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
         raise RuntimeError(
@@ -187,14 +193,40 @@ def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
             "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _joined_cluster = bool(address)
     if address:
         ray.init(address=address)
-        return
+        return True
     # Loopback only: without this Ray 2.60 swaps 127.0.0.1 for the machine's routable IP (see infra/raycluster.py).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
              object_store_memory=local_object_store_bytes())
+    return False
+
+
+def check_gpus(config: TrainConfig, joined: bool) -> None:
+    """A GPU run (``scaling.use_gpu``) on a Ray with fewer GPUs than it needs would wait for them forever:
+    a `ConfigError` on the local Ray of this machine, a warning on a joined cluster (an autoscaler may add
+    GPU nodes while Ray Train waits)."""
+    import ray
+
+    from trainer.config import ConfigError
+
+    s, d = config.scaling, config.distill
+    if not s.use_gpu:
+        return
+    workers = s.min_workers if 0 < s.min_workers < s.num_workers else s.num_workers
+    actors = d.remote_actors if d.kind != "none" and d.source == "remote" else 0
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have >= workers + actors:
+        return
+    need = f"{workers} worker{'s' if workers > 1 else ''}" + (f" and {actors} teacher actor(s)" if actors else "")
+    message = f"scaling.use_gpu=true needs {workers + actors} GPUs ({need}); the Ray cluster has {have}"
+    if not joined:
+        raise ConfigError([f"{message}: pass scaling.use_gpu=false to train on this machine's CPUs (slowly), "
+                           f"or run where the GPUs are"])
+    log.warning("%s: Ray Train waits until the cluster has them (an autoscaler may add GPU nodes)", message)
 
 
 def local_object_store_bytes() -> int:
