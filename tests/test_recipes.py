@@ -737,6 +737,8 @@ def test_cli_print_config_applies_overrides() -> None:
     assert cfg["distill"]["kind"] == "hard" and cfg["distill"]["teacher"]["name"] == "regnety_160"
     flat = run_cli("cait_s24", "--print-config", "--format", "flat")
     assert flat.returncode == 0 and "model.drop_path=0.1\n" in flat.stdout
+    after = run_cli("cait_s24", "--print-config", "--format", "flat", "model.drop_path=0.2")  # after the flags
+    assert after.returncode == 0 and "model.drop_path=0.2\n" in after.stdout
 
 
 def test_cli_errors() -> None:

@@ -640,6 +640,20 @@ def test_a_gpu_run_without_the_gpus_is_refused_on_this_machines_ray_and_warned_a
     check_gpus(apply_overrides(config, ["scaling.use_gpu=false"]), joined=False)
 
 
+def test_checkpoints_go_to_storage_else_checkpoint_url_else_the_clusters_root_else_runs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trainer.run import storage_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTILLERY_STORAGE", raising=False)
+    config = recipes.get("demo_deit_tiny")
+    assert storage_root(config) == str(tmp_path / "runs")
+    monkeypatch.setenv("DISTILLERY_STORAGE", "s3://bucket/runs")
+    assert storage_root(config) == "s3://bucket/runs"
+    assert storage_root(apply_overrides(config, ["checkpoint.url=ckpt"])) == str(tmp_path / "ckpt")
+    assert storage_root(config, "gs://other/runs") == "gs://other/runs"
+
+
 def test_the_embedded_rays_object_store_is_sized_for_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     from trainer.run import local_object_store_bytes
 

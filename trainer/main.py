@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list every recipe with its key numbers and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--storage", metavar="PATH_OR_URL", help="where checkpoints go (default: checkpoint.url, "
-                   "else ./runs); a run is the folder STORAGE/NAME")
+                   "else $DISTILLERY_STORAGE, else ./runs); a run is the folder STORAGE/NAME")
     p.add_argument("--name", help="run name (default: tracking.run_name, else MODEL-TIME); the same name and "
                    "storage continue that run from its latest checkpoint")
     p.add_argument("--max-failures", type=int, default=0, metavar="N",
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a usage or config error)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may also follow the flags
     if args.list:
         print(recipe_table())
         return 0

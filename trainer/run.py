@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run", "preflight", "run_name", "absolute_paths", "code_version", "connect_ray", "DEFAULT_STORAGE"]
 
-DEFAULT_STORAGE = "runs"  # a local folder under the current directory when neither --storage nor checkpoint.url
+DEFAULT_STORAGE = "runs"  # a local folder under the current directory when no --storage, checkpoint.url or
+STORAGE_ENV = "DISTILLERY_STORAGE"  # a cluster's checkpoint root (docs/multinode.md), when neither of the first two
 
 
 def run(config: TrainConfig, storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
         resume: str | None = None, *, options: RunOptions | None = None) -> Any:
     """Train ``config`` on ``config.scaling.num_workers`` Ray Train workers; return Ray's ``Result``.
 
-    ``storage_path``: folder or URL for checkpoints (default ``checkpoint.url``, else ``./runs``);
+    ``storage_path``: folder or URL for checkpoints (default: `storage_root`'s);
     ``name``: the run's folder in it (same name = same run, continued from its latest checkpoint);
     ``max_failures``: worker-group restarts allowed (-1: unlimited); ``resume``: a checkpoint (or a folder
     of checkpoints) to start from when this run has none yet. ``options`` carries switches that are not
@@ -61,7 +62,7 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
     config = absolute_paths(config).validate(strict=True)
     preflight(config)
     name = name or run_name(config)
-    storage = _absolute(storage_path or config.checkpoint.url or DEFAULT_STORAGE)
+    storage = storage_root(config, storage_path)
     run_dir = storage.rstrip("/") + "/" + name
     options = options or RunOptions()
     tracking_uri = options.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(
@@ -91,6 +92,12 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
     log.info("run %r: %d workers, checkpoints in %s, tracking %s", name, config.scaling.num_workers, run_dir,
              tracking_uri or "off")
     return trainer.fit()
+
+
+def storage_root(config: TrainConfig, storage_path: str | None = None) -> str:
+    """Where a run's folder goes: ``storage_path`` (``--storage``), else ``checkpoint.url``, else
+    ``$DISTILLERY_STORAGE`` (a cluster's setting), else ``./runs``; local paths made absolute."""
+    return _absolute(storage_path or config.checkpoint.url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
 
 
 def preflight(config: TrainConfig) -> None:
