@@ -196,8 +196,11 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
         if shards_url is None:
             write_imagenet_like(Path(tmp) / "src", images)
             shards_url = str(Path(tmp) / "shards")
+            total = sum(f.stat().st_size for f in (Path(tmp) / "src").rglob("*") if f.is_file())
+            # 8 MiB shards, but at least two per worker: the peers' loader gives each worker whole shards
             build_shards(BuildConfig(src=str(Path(tmp) / "src"), dst=Location(shards_url),
-                                     shard_bytes=8 * 2**20, workers=workers))
+                                     shard_bytes=max(1 << 16, min(8 << 20, total // (2 * workers))),
+                                     workers=workers))
         shards = ShardSet.open(Location(shards_url), "train")
         rows = []
         for name, repeats in (("dali", 1), ("dali x3", 3)):
