@@ -9,6 +9,7 @@ import re
 import sys
 
 from pipeline.build import DEFAULT_SHARD_BYTES, BuildConfig, BuildError, build_shards
+from pipeline.cli_errors import describe, user_errors
 from pipeline.manifest import DatasetError
 from pipeline.storage import Location, parse_storage_options
 
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return _run(args)
-    except (BuildError, DatasetError, ValueError) as exc:
-        log.error("%s", exc)
+    except (BuildError, DatasetError, *user_errors()) as exc:
+        log.error("%s", describe(exc))
         return 2
 
 

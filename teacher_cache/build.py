@@ -225,6 +225,7 @@ class CacheWorker:
 
 
 def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
+    cfg.teacher.check()
     shards = ShardSet.open(cfg.shards, cfg.split)
     previous = read_info(cfg.out)
     if previous is not None and not cfg.overwrite:

@@ -108,7 +108,7 @@ def check_identity(url: str, info: dict[str, Any], fingerprint: str, teacher: di
         if teacher is not None and teacher.get(field) is not None and info["teacher"].get(field) != teacher[field]:
             raise CacheMismatch(
                 f"teacher cache {url} holds teacher {field}={info['teacher'].get(field)!r}, this run asks for "
-                f"{teacher[field]!r}: rebuild the cache for this teacher, or point distill.cache at the right one")
+                f"{teacher[field]!r}: rebuild the cache for this teacher, or point distill.cache_url at the right one")
 
 
 # What cuts a replay cache's crops (per crop mode) and what the teacher saw of them (mean, std). Raise

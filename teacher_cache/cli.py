@@ -6,11 +6,14 @@ import argparse
 import logging
 import sys
 
+from pipeline.cli_errors import describe, user_errors
 from pipeline.config import AugmentConfig
 from pipeline.demo import IMAGE_SETS
 from pipeline.storage import Location, parse_storage_options
+from pipeline.stream import StreamError
 from teacher_cache.cache import CacheMismatch
 from teacher_cache.teacher import TeacherError, TeacherSpec
+from trainer.checkpoint import CheckpointError
 
 log = logging.getLogger("teacher-cache")
 
@@ -108,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
                     args.steps, args.size, data=args.data))
         return 0
-    except (CacheMismatch, TeacherError, ValueError) as exc:
-        log.error("%s", exc)
+    except (CacheMismatch, TeacherError, CheckpointError, StreamError, *user_errors()) as exc:
+        log.error("%s", describe(exc))
         return 2
 
 

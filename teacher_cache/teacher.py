@@ -26,6 +26,20 @@ class TeacherSpec:
     num_classes: int = 1000
     resolution: int = 224
 
+    def check(self) -> None:
+        """A `TeacherError` now, where the build's workers would fail later: a name timm does not know, a
+        local weights file that is not there."""
+        import os
+
+        import timm
+
+        if not timm.is_model(self.name):
+            close = timm.list_models(f"{self.name.split('_')[0]}*")[:5]
+            raise TeacherError(f"teacher {self.name!r} is not a timm model name"
+                               + (f" (close: {', '.join(close)})" if close else " (e.g. regnety_160, resnet50)"))
+        if self.weights and "://" not in self.weights and not os.path.exists(self.weights):
+            raise TeacherError(f"teacher weights {self.weights}: no such file or folder")
+
 
 def expected_identity(spec: TeacherSpec) -> dict[str, Any]:
     """The `Teacher.identity` a cache built from ``spec`` carries, without loading the model (weights are
@@ -47,6 +61,7 @@ class Teacher:
         import timm
 
         self.spec, self.device = spec, torch.device(device)
+        spec.check()
         self.model: nn.Module = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes)
         self.weights_sha256 = "random-init"
         if spec.weights:
@@ -55,7 +70,8 @@ class Teacher:
             info = load_pretrained(self.model, spec.weights)
             if info["missing"]:
                 raise TeacherError(f"{spec.weights} does not fit {spec.name} with {spec.num_classes} classes: "
-                                   f"missing {info['missing'][:3]}")
+                                   f"missing {info['missing'][:3]}; give the checkpoint's class count "
+                                   f"(teacher-cache build --num-classes, distill.teacher.num_classes)")
             self.weights_sha256 = info["sha256"]
         else:
             log.warning("teacher %s has random weights (no weights file given)", spec.name)

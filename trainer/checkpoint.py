@@ -498,6 +498,15 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
                 "model's state_dict alone (torch.save(model.state_dict(), PATH)) and pass that file"
             ) from exc
     weights = adapt_state_dict(weights, model)
+    own = model.state_dict()
+    reshaped = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if reshaped:  # load_state_dict would raise with every mismatch listed
+        first = reshaped[0]
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}: {len(reshaped)} weights have other shapes (e.g. {first}: "
+            f"{list(weights[first].shape)} in the file, {list(own[first].shape)} in the model); check the model "
+            "name / architecture overrides against the checkpoint's"
+        )
     result = model.load_state_dict(weights, strict=False)
     heads = ("head.", "head_dist.", "fc.")
     missing = [k for k in result.missing_keys if not k.startswith(heads)]

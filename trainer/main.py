@@ -126,13 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(json.dumps({"recipe": args.recipe, "config": to_dict(config)}, indent=2))
         return 0
+    from pipeline.cli_errors import describe, user_errors
     from pipeline.manifest import DatasetError
     from teacher_cache.cache import CacheMismatch
 
     try:
         train(config, storage=args.storage, name=args.name, max_failures=args.max_failures, resume=args.resume)
-    except (ConfigError, DatasetError, CacheMismatch) as exc:  # found before any worker starts
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, DatasetError, CacheMismatch, *user_errors()) as exc:  # mostly before any worker starts
+        print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
     return 0
 

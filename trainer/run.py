@@ -60,6 +60,10 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
     from ray.train.torch import TorchTrainer
 
     config = absolute_paths(config).validate(strict=True)
+    if resume and "://" not in resume and not os.path.exists(resume):
+        from trainer.config import ConfigError
+
+        raise ConfigError([f"--resume {resume}: no such checkpoint or folder of checkpoints"])
     preflight(config)
     name = name or run_name(config)
     storage = storage_root(config, storage_path)
@@ -194,11 +198,13 @@ def connect_ray(num_workers: int, temp_dir: str | None = None) -> bool:
         return _joined_cluster
     address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
-        raise RuntimeError(
+        from trainer.config import ConfigError
+
+        raise ConfigError([
             f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
             "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
             "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
-        )
+        ])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _joined_cluster = bool(address)
     if address:
