@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return _run(args)
-    except (BuildError, DatasetError, *user_errors()) as exc:
+    except user_errors(BuildError, DatasetError) as exc:
         log.error("%s", describe(exc))
         return 2
 

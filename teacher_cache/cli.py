@@ -14,6 +14,7 @@ from pipeline.stream import StreamError
 from teacher_cache.cache import CacheMismatch
 from teacher_cache.teacher import TeacherError, TeacherSpec
 from trainer.checkpoint import CheckpointError
+from trainer.recipes import UnknownRecipe
 
 log = logging.getLogger("teacher-cache")
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
                     args.steps, args.size, data=args.data))
         return 0
-    except (CacheMismatch, TeacherError, CheckpointError, StreamError, *user_errors()) as exc:
+    except user_errors(CacheMismatch, TeacherError, CheckpointError, StreamError, UnknownRecipe) as exc:
         log.error("%s", describe(exc))
         return 2
 

@@ -9,7 +9,9 @@ cheap, crop-aware estimate of what the teacher would say about that view: what t
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,17 +30,34 @@ class TeacherSpec:
 
     def check(self) -> None:
         """A `TeacherError` now, where the build's workers would fail later: a name timm does not know, a
-        local weights file that is not there."""
-        import os
-
+        local weights file that is not there or does not fit the model (checked on the meta device)."""
         import timm
 
         if not timm.is_model(self.name):
-            close = timm.list_models(f"{self.name.split('_')[0]}*")[:5]
+            close = difflib.get_close_matches(self.name, timm.list_models(), n=5, cutoff=0.6)
             raise TeacherError(f"teacher {self.name!r} is not a timm model name"
                                + (f" (close: {', '.join(close)})" if close else " (e.g. regnety_160, resnet50)"))
-        if self.weights and "://" not in self.weights and not os.path.exists(self.weights):
-            raise TeacherError(f"teacher weights {self.weights}: no such file or folder")
+        if self.weights and "://" not in self.weights:
+            if not os.path.exists(self.weights):
+                raise TeacherError(f"teacher weights {self.weights}: no such file or folder")
+            from trainer.checkpoint import check_fits
+
+            _fitted(self, check_fits(self.build, self.weights))
+
+    def build(self) -> nn.Module:
+        """The timm model, untrained (no weights are downloaded)."""
+        import timm
+
+        return timm.create_model(self.name, pretrained=False, num_classes=self.num_classes)
+
+
+def _fitted(spec: TeacherSpec, loaded: dict[str, Any]) -> str:
+    """The weights' digest from `load_pretrained`'s report, once it says that every weight was found."""
+    if loaded["missing"]:
+        raise TeacherError(f"{spec.weights} does not fit {spec.name} with {spec.num_classes} classes: "
+                           f"missing {loaded['missing'][:3]}; give the checkpoint's class count "
+                           f"(teacher-cache build --num-classes, distill.teacher.num_classes)")
+    return loaded["sha256"]
 
 
 def expected_identity(spec: TeacherSpec) -> dict[str, Any]:
@@ -58,21 +77,13 @@ class Teacher:
     """``compile``: a ``torch.compile`` backend ("inductor") for the forward and the feature map, or None."""
 
     def __init__(self, spec: TeacherSpec, device: str = "cpu", compile: str | None = None):  # noqa: A002
-        import timm
-
         self.spec, self.device = spec, torch.device(device)
-        spec.check()
-        self.model: nn.Module = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes)
+        self.model: nn.Module = spec.build()  # `build_cache` ran spec.check() before any worker started
         self.weights_sha256 = "random-init"
         if spec.weights:
             from trainer.checkpoint import load_pretrained  # timm/DeiT files and our checkpoint folders
 
-            info = load_pretrained(self.model, spec.weights)
-            if info["missing"]:
-                raise TeacherError(f"{spec.weights} does not fit {spec.name} with {spec.num_classes} classes: "
-                                   f"missing {info['missing'][:3]}; give the checkpoint's class count "
-                                   f"(teacher-cache build --num-classes, distill.teacher.num_classes)")
-            self.weights_sha256 = info["sha256"]
+            self.weights_sha256 = _fitted(spec, load_pretrained(self.model, spec.weights))
         else:
             log.warning("teacher %s has random weights (no weights file given)", spec.name)
         self.model.eval().requires_grad_(False).to(self.device)

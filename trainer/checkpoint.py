@@ -38,6 +38,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,6 +470,17 @@ def weights_digest(path: str) -> str:
     if _is_folder(path):
         return _state_digest(_folder_checkpoint(path))
     return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+def check_fits(build: Callable[[], torch.nn.Module], path: str) -> dict[str, Any]:
+    """`load_pretrained` of ``path`` into the model ``build`` makes, built on the meta device (no memory, no
+    initialisation): the errors a worker would meet later (not weights, weights missing, other shapes)
+    raised now, in the driver, for the cost of reading the file once more."""
+    with torch.device("meta"):
+        model = build()
+    with warnings.catch_warnings():  # a meta model ignores the values it is given: that is the point here
+        warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+        return load_pretrained(model, path)
 
 
 def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False) -> dict[str, Any]:

@@ -129,10 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.cli_errors import describe, user_errors
     from pipeline.manifest import DatasetError
     from teacher_cache.cache import CacheMismatch
+    from trainer.checkpoint import CheckpointError
 
     try:
         train(config, storage=args.storage, name=args.name, max_failures=args.max_failures, resume=args.resume)
-    except (ConfigError, DatasetError, CacheMismatch, *user_errors()) as exc:  # mostly before any worker starts
+    except user_errors(ConfigError, DatasetError, CacheMismatch, CheckpointError) as exc:  # before the workers start
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
     return 0
