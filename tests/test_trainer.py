@@ -624,20 +624,22 @@ def test_a_teacher_actor_that_cannot_be_placed_is_a_clear_error(teacher_file: st
 def test_a_gpu_run_without_the_gpus_is_refused_on_this_machines_ray_and_warned_about_on_a_cluster(
         local_ray: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A paper recipe (scaling.use_gpu) on a machine without GPUs would wait for them forever."""
-    from trainer.run import check_gpus, connect_ray
+    from trainer.run import check_gpus
 
-    assert connect_ray(2) is False  # the local Ray of this machine, started by the fixture
     config = apply_overrides(recipes.get("demo_deit_tiny_distill"), ["scaling.use_gpu=true"])
     with pytest.raises(ConfigError, match=r"scaling.use_gpu=true needs 2 GPUs \(2 workers\); the Ray cluster has 0: "
                                           r"pass scaling.use_gpu=false"):
-        check_gpus(config, joined=False)
+        check_gpus(config)  # the fixture's Ray: this machine's, its GCS on 127.0.0.1
     elastic = apply_overrides(config, ["scaling.num_workers=4", "scaling.min_workers=1"])
-    with pytest.raises(ConfigError, match=r"needs 1 GPUs \(1 worker\)"):  # an elastic run starts with its minimum
-        check_gpus(elastic, joined=False)
+    with pytest.raises(ConfigError, match=r"needs 1 GPU \(1 worker\)"):  # an elastic run starts with its minimum
+        check_gpus(elastic)
+    remote = apply_overrides(config, ["distill.source=remote", "distill.remote_actors=3"])
+    with pytest.raises(ConfigError, match=r"needs 4 GPUs \(2 workers and 2 teacher actors\)"):  # 3rd: never asked
+        check_gpus(remote)
     with caplog.at_level("WARNING", logger="trainer.run"):
-        check_gpus(config, joined=True)
+        check_gpus(config, cluster_may_grow=True)
     assert "Ray Train waits until the cluster has them" in caplog.text
-    check_gpus(apply_overrides(config, ["scaling.use_gpu=false"]), joined=False)
+    check_gpus(apply_overrides(config, ["scaling.use_gpu=false"]))
 
 
 def test_checkpoints_go_to_storage_else_checkpoint_url_else_the_clusters_root_else_runs(

@@ -39,10 +39,17 @@ from trainer.worker import RunOptions, encode, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "preflight", "run_name", "absolute_paths", "code_version", "connect_ray", "DEFAULT_STORAGE"]
+__all__ = ["run", "preflight", "run_name", "absolute_paths", "code_version", "connect_ray", "check_gpus",
+           "storage_root", "DEFAULT_STORAGE", "STORAGE_ENV"]
 
-DEFAULT_STORAGE = "runs"  # a local folder under the current directory when no --storage, checkpoint.url or
-STORAGE_ENV = "DISTILLERY_STORAGE"  # a cluster's checkpoint root (docs/multinode.md), when neither of the first two
+# where runs go without --storage or checkpoint.url (`storage_root`): a cluster's checkpoint root
+# (docs/multinode.md), else a local folder under the current directory
+STORAGE_ENV = "DISTILLERY_STORAGE"
+DEFAULT_STORAGE = "runs"
+
+
+class RayAddressError(ValueError):
+    """RAY_ADDRESS names something ray.init cannot connect to; the message says what to set instead."""
 
 
 def run(config: TrainConfig, storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
@@ -75,8 +82,8 @@ def run(config: TrainConfig, storage_path: str | None = None, name: str | None =
         tracking_uri = ""
     elif (warning := local_tracking_warning(tracking_uri, run_dir)) is not None:
         log.warning("%s", warning)
-    joined = connect_ray(config.scaling.num_workers)
-    check_gpus(config, joined)
+    connect_ray(config.scaling.num_workers)
+    check_gpus(config)
     options = replace(options, name=name, run_dir=run_dir, tracking_uri=tracking_uri,
                       resume=_absolute(resume) if resume else options.resume,
                       code_version=options.code_version or code_version(), ray_job_id=options.ray_job_id or _job_id())
@@ -120,12 +127,17 @@ def preflight(config: TrainConfig) -> None:
                 f"{url} split {split!r} has {info.num_classes} classes but model.num_classes="
                 f"{config.model.num_classes}: set model.num_classes={info.num_classes} (and the teacher's)"
             )
-    for field_name, path in (("model.pretrained_path", config.model.pretrained_path),
-                             ("distill.teacher.pretrained_path", config.distill.teacher.pretrained_path)):
+    for field_name, path, model in (("model.pretrained_path", config.model.pretrained_path, config.model),
+                                    ("distill.teacher.pretrained_path", config.distill.teacher.pretrained_path,
+                                     config.distill.teacher)):
         if config.distill.kind == "none" and field_name.startswith("distill."):
             continue
-        if path and "://" not in path and not os.path.exists(path):
-            raise DatasetError(f"{field_name}={path}: no such file or folder")
+        if path and "://" not in path:
+            if not os.path.exists(path):
+                raise DatasetError(f"{field_name}={path}: no such file or folder")
+            from trainer.checkpoint import check_fits
+
+            check_fits(model.build, path)  # weights of another architecture: refused here, not in each worker
     if config.data.real_labels:
         from trainer.real_labels import load_real_labels
 
@@ -180,12 +192,11 @@ def _storage(storage: str) -> tuple[str, Any]:
     return storage.split("://", 1)[1], fs
 
 
-_joined_cluster = False  # whether this process's Ray is a cluster it joined (else one connect_ray started)
+_started_here = False  # this process's Ray is the local one connect_ray started (it never grows)
 
 
-def connect_ray(num_workers: int, temp_dir: str | None = None) -> bool:
-    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process);
-    True when it joined one (which an autoscaler may grow), False for the local Ray of this machine alone.
+def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
+    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process).
 
     The local Ray has ``max(num_workers, cores)`` CPUs and its dashboard on a free loopback port: Ray Train
     V2's placement-group cleaner asks the dashboard's state API whether the controller is alive (without
@@ -193,35 +204,48 @@ def connect_ray(num_workers: int, temp_dir: str | None = None) -> bool:
     """
     import ray
 
-    global _joined_cluster
+    global _started_here
     if ray.is_initialized():
-        return _joined_cluster
+        return
+    _started_here = False
     address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
-        from trainer.config import ConfigError
-
-        raise ConfigError([
+        raise RayAddressError(
             f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
             "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
             "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
-        ])
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    _joined_cluster = bool(address)
     if address:
         ray.init(address=address)
-        return True
+        return
     # Loopback only: without this Ray 2.60 swaps 127.0.0.1 for the machine's routable IP (see infra/raycluster.py).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
              object_store_memory=local_object_store_bytes())
-    return False
+    _started_here = True
 
 
-def check_gpus(config: TrainConfig, joined: bool) -> None:
+def _cluster_may_grow() -> bool:
+    """Whether the connected Ray may gain nodes: not the local one `connect_ray` started, and not one whose
+    GCS is on a loopback address (``infra.local``'s head; a job submitted to it)."""
+    import ray
+
+    if _started_here:
+        return False
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
+    return not (host.startswith("127.") or host in ("localhost", "::1"))
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def check_gpus(config: TrainConfig, cluster_may_grow: bool | None = None) -> None:
     """A GPU run (``scaling.use_gpu``) on a Ray with fewer GPUs than it needs would wait for them forever:
-    a `ConfigError` on the local Ray of this machine, a warning on a joined cluster (an autoscaler may add
-    GPU nodes while Ray Train waits)."""
+    a `ConfigError` on a Ray of this machine alone, a warning on a cluster that may grow (an autoscaler may
+    add GPU nodes while Ray Train waits). ``cluster_may_grow`` None: `_cluster_may_grow`'s answer."""
     import ray
 
     from trainer.config import ConfigError
@@ -229,14 +253,18 @@ def check_gpus(config: TrainConfig, joined: bool) -> None:
     s, d = config.scaling, config.distill
     if not s.use_gpu:
         return
-    workers = s.min_workers if 0 < s.min_workers < s.num_workers else s.num_workers
-    actors = d.remote_actors if d.kind != "none" and d.source == "remote" else 0
+    workers = _num_workers(config)
+    workers = workers[0] if isinstance(workers, tuple) else workers  # an elastic run starts at its minimum
+    # worker r asks actor r % remote_actors: no more actors than workers are ever placed
+    actors = min(d.remote_actors, workers) if d.kind != "none" and d.source == "remote" else 0
     have = int(ray.cluster_resources().get("GPU", 0))
     if have >= workers + actors:
         return
-    need = f"{workers} worker{'s' if workers > 1 else ''}" + (f" and {actors} teacher actor(s)" if actors else "")
-    message = f"scaling.use_gpu=true needs {workers + actors} GPUs ({need}); the Ray cluster has {have}"
-    if not joined:
+    need = _plural(workers, "worker") + (f" and {_plural(actors, 'teacher actor')}" if actors else "")
+    message = f"scaling.use_gpu=true needs {_plural(workers + actors, 'GPU')} ({need}); the Ray cluster has {have}"
+    if cluster_may_grow is None:
+        cluster_may_grow = _cluster_may_grow()
+    if not cluster_may_grow:
         raise ConfigError([f"{message}: pass scaling.use_gpu=false to train on this machine's CPUs (slowly), "
                            f"or run where the GPUs are"])
     log.warning("%s: Ray Train waits until the cluster has them (an autoscaler may add GPU nodes)", message)
