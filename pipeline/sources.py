@@ -85,11 +85,13 @@ def resolve_split_dir(root: Path, split: str) -> Path:
     candidate = root / split
     if candidate.is_dir():
         return candidate
-    splits = sorted(name for name in SPLIT_NAMES if (root / name).is_dir())
-    if splits:
+    folders = {e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")}
+    splits = sorted(folders & set(SPLIT_NAMES))
+    # a dataset root: two splits' folders, or nothing but splits (an ImageFolder may have a class "test")
+    if len(splits) >= 2 or (splits and folders <= set(SPLIT_NAMES)):
         raise SourceError(f"--src {root} has no '{split}' folder (it holds {', '.join(s + '/' for s in splits)}): "
                           f"pass --split {' or --split '.join(splits)}, or --src one split's folder")
-    if root.name in SPLIT_NAMES and root.name != split:
+    if root.name in SPLIT_NAMES and root.name != split and {root.name, split} != {"val", "validation"}:
         log.warning("--src %s is a '%s' folder, built as split '%s' (pass --split %s to name it so)",
                     root, root.name, split, root.name)
     return root

@@ -118,6 +118,13 @@ def test_a_split_missing_from_a_dataset_root_is_refused_not_built_from_the_other
     assert scan(tmp_path, "val").classes == scan(tmp_path, "train").classes  # the splits themselves build
 
 
+def test_an_image_folder_with_a_class_named_like_a_split_still_builds(tmp_path: Path) -> None:
+    for name in ("cat", "dog", "test"):
+        (tmp_path / "animals" / name).mkdir(parents=True)
+        (tmp_path / "animals" / name / "a.jpg").write_bytes(jpeg_bytes(np.random.default_rng(0), 20, 20))
+    assert scan(tmp_path / "animals", "train").classes == ["cat", "dog", "test"]
+
+
 def test_one_split_folder_as_src_builds_and_says_when_its_name_differs(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     make_tree(tmp_path, "val", num_classes=2, per_class=2, defects=False)
