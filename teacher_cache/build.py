@@ -92,7 +92,7 @@ class ShardGraph:
         return cls(lambda source: whole_image_graph(source, cfg.batch_size, teacher.spec.resolution, device_id,
                                                     cfg.dali_threads), device_id)
 
-    def __init__(self, graph: Callable[[Callable[[], Any]], Any], device_id: int | None = None) -> None:
+    def __init__(self, graph: Callable[[Callable[[], Any]], Any], device_id: int | None) -> None:
         self._graph = graph  # source -> an unbuilt DALI pipeline
         self._device_id = device_id  # the graph's GPU (its outputs come on torch's stream there), None: CPU
         self._feed: deque[Any] = deque()

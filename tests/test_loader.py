@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -311,7 +312,16 @@ def test_every_loader_and_the_cache_build_run_their_graphs_through_run_graph(
     next(iter(TrainLoader(shards, _data(), device="cpu")))
     next(iter(EvalLoader(shards, _data(), batch_size=8, device="cpu")))
     samples = SampleStream(shards, StreamConfig(shuffle_buffer=4), threads=1).take(4)
-    graph = build.ShardGraph(lambda source: dali_graph.whole_image_graph(source, 4, SIZE, None, 1))
+    graph = build.ShardGraph(lambda source: dali_graph.whole_image_graph(source, 4, SIZE, None, 1), None)
     feeds = [[np.frombuffer(x.data, dtype=np.uint8) for x in samples]]
     assert len(list(graph(feeds))) == 1
     assert seen == [None, None, None]
+
+    class OnSecondGpu:  # what for_teacher reads of a teacher; the graph itself is never built here
+        device = torch.device("cuda", 1)
+        spec = build.TeacherSpec("resnet10t", None, 10, SIZE)
+
+    config = build.CacheBuildConfig(shards=shards.location, out=shards.location, teacher=OnSecondGpu.spec)
+    assert build.ShardGraph.for_teacher(OnSecondGpu(), config)._device_id == 1
+    replay = replace(config, views=4, augment=AugmentConfig(image_size=SIZE))
+    assert build.ShardGraph.for_teacher(OnSecondGpu(), replay)._device_id == 1
