@@ -109,6 +109,7 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
     urls = [f"{root}/{name}" for name in shards.shard_names.values()]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
                .repeat().decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int))
+    workers = min(workers, len(urls))  # webdataset gives each worker whole shards: none may go without one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
                                          persistent_workers=False, prefetch_factor=4 if workers else None,
                                          # spawn: no fork after DALI's threads

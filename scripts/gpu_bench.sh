@@ -17,21 +17,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 last=${1:-}
 shift || true
-mkdir -p /tmp/parts
-if [ -n "$last" ]; then cp "$last"/* /tmp/parts/; fi
-if [ -d /tmp/s3w ] && [ ! -d /tmp/site-s3/moto ]; then  # carried .s3wheels: the rows through the S3 store
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site-s3 /tmp/s3w/*.whl
+tmp=${GPU_BENCH_TMP:-/tmp}  # where the calls left the parts (parts/, s3w/) and where the installs go
+mkdir -p "$tmp/parts"
+if [ -n "$last" ]; then cp "$last"/* "$tmp/parts/"; fi
+if [ -d "$tmp/s3w" ] && [ ! -d "$tmp/site-s3/moto" ]; then  # carried .s3wheels: the rows through the S3 store
+  python3 -m pip install -q --no-index --no-deps --target "$tmp/site-s3" "$tmp"/s3w/*.whl
 fi
 if ! python3 -c "import nvidia.dali" 2>/dev/null; then
-  if [ ! -d /tmp/site/nvidia/dali ]; then
-    rm -rf /tmp/w && mkdir -p /tmp/w
+  if [ ! -d "$tmp/site/nvidia/dali" ]; then
+    rm -rf "$tmp/w" && mkdir -p "$tmp/w"
     # shellcheck disable=SC2046
-    cat $(ls /tmp/parts/part* | sort) | tar xf - -C /tmp/w
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/w/*.whl
+    cat $(ls "$tmp"/parts/part* | sort) | tar xf - -C "$tmp/w"
+    python3 -m pip install -q --no-index --no-deps --target "$tmp/site" "$tmp"/w/*.whl
   fi
 fi
 # the S3 packages last: where the machine has a package already, its own version stays in charge
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}:/tmp/site-s3
+export PYTHONPATH=$PWD:$tmp/site${PYTHONPATH:+:$PYTHONPATH}:$tmp/site-s3
 out=${OUT:-/tmp/bench-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true

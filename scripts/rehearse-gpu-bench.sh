@@ -10,7 +10,7 @@
 # Usage (from the repository root):  bash scripts/rehearse-gpu-bench.sh [bench_gpu options]
 # Needs: a python3.12 here (PYTHON312=PATH to choose one) and the package registry (~4 GB into
 # /tmp/rehearse-gpu-venv once: torch's CUDA build and its libraries). Makes .dali* and .s3wheels when missing.
-# Leaves the table and logs in /tmp/rehearse-gpu/out; clears gpu_bench.sh's /tmp folders before and after.
+# Leaves the table and logs in /tmp/rehearse-gpu/out; the calls' /tmp is a fresh folder (GPU_BENCH_TMP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -34,18 +34,18 @@ ls -d .dali[0-9]* >/dev/null 2>&1 || bash ../shared/tools/dali-wheel-parts.sh
 mapfile -t parts < <(ls -d .dali[0-9]* | sort -V)
 last=${parts[-1]}
 
-scratch=(/tmp/parts /tmp/w /tmp/site /tmp/s3w /tmp/site-s3)  # gpu_bench.sh's folders on the machine
-rm -rf "${scratch[@]}" /tmp/rehearse-gpu
-trap 'rm -rf "${scratch[@]}" /tmp/rehearse-gpu/repo' EXIT
+rm -rf /tmp/rehearse-gpu
+scratch=$(mktemp -d /tmp/rehearse-gpu-tmp.XXXXXX)  # the machine's /tmp, as far as gpu_bench.sh is concerned
+trap 'rm -rf "$scratch" /tmp/rehearse-gpu/repo' EXIT
 mkdir -p /tmp/rehearse-gpu/repo /tmp/rehearse-gpu/out
 git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t /tmp/rehearse-gpu/repo
 cp -r "${parts[@]}" .s3wheels /tmp/rehearse-gpu/repo/
 echo "rehearse-gpu-bench: the tree a call sends is $(du -sh --exclude='.dali*' --exclude=.s3wheels \
   /tmp/rehearse-gpu/repo | cut -f1) besides the carried folders"
 cd /tmp/rehearse-gpu/repo
-for part in "${parts[@]:0:${#parts[@]}-1}"; do mkdir -p /tmp/parts && cp "$part"/* /tmp/parts/; done
-mkdir -p /tmp/s3w && cp .s3wheels/* /tmp/s3w/
+for part in "${parts[@]:0:${#parts[@]}-1}"; do mkdir -p "$scratch/parts" && cp "$part"/* "$scratch/parts/"; done
+mkdir -p "$scratch/s3w" && cp .s3wheels/* "$scratch/s3w/"
 [ $# -gt 0 ] || set -- --quick
 env -u VIRTUAL_ENV -u PYTHONPATH PATH="$venv/bin:/usr/local/bin:/usr/bin:/bin" OUT=/tmp/rehearse-gpu/out \
-  PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh "$last" "$@"
+  GPU_BENCH_TMP="$scratch" PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh "$last" "$@"
 echo "rehearse-gpu-bench: passed; the table is /tmp/rehearse-gpu/out/BENCHMARKS-gpu.md (from $repo)"

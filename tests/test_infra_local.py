@@ -248,8 +248,6 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
         str(mlflow_port),
         "--ray-dashboard-port",
         str(dashboard_port),
-        "--ray-dashboard-port",
-        str(dashboard_port),
         "--ray-port",
         str(gcs_port),
         "--ray-num-cpus",

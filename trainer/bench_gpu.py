@@ -53,6 +53,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -870,7 +871,8 @@ def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
 
     def measure() -> GpuRow:
         arrived = {"intact": 0, "changed": 0, "pageable": 0, "sent": 0}
-        checking = [True]
+        checking = threading.Event()  # read on the sender thread
+        checking.set()
         transport = torch.bfloat16 if device.type == "cuda" else torch.float32
         x = torch.randn(s.batch, 3, s.size, s.size, device=device)
         expected = x.to(transport).cpu()
@@ -881,19 +883,19 @@ def _remote_send(s: Settings, device: torch.device, rows: _Rows) -> None:
                 def remote(host: torch.Tensor) -> int:
                     arrived["sent"] += 1
                     arrived["pageable"] += device.type == "cuda" and not host.is_pinned()
-                    if checking[0]:
+                    if checking.is_set():
                         arrived["intact" if torch.equal(host, expected) else "changed"] += 1
                     return arrived["sent"]
 
         remote = RemoteTeacher(Standin(), transport)
         try:
             remote._send(x).result()  # warm-up: the stream, the pinned allocator; checked
-            checking[0] = False
+            checking.clear()
             started = time.perf_counter()
             for _ in range(s.steps):
                 remote._send(x).result()
             seconds = time.perf_counter() - started
-            checking[0] = True
+            checking.set()
             remote._send(x).result()  # after the timed sends: checked
         finally:
             remote.close()
