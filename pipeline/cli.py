@@ -10,7 +10,6 @@ import sys
 
 from pipeline.build import DEFAULT_SHARD_BYTES, BuildConfig, BuildError, build_shards
 from pipeline.cli_errors import describe, user_errors
-from pipeline.manifest import DatasetError
 from pipeline.storage import Location, parse_storage_options
 
 log = logging.getLogger("pipeline")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return _run(args)
-    except user_errors(BuildError, DatasetError) as exc:
+    except user_errors(BuildError) as exc:  # DatasetError is a ValueError
         log.error("%s", describe(exc))
         return 2
 

@@ -39,7 +39,6 @@ def describe(exc: BaseException) -> str:
     """``exc`` as the line after ``error:``: this project's errors by their message (which names the field
     or file and the fix), anyone else's led by the exception's type (``FileNotFoundError: [Errno 2] ...``)
     and followed by how to see where it came from."""
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     if type(exc).__module__.split(".")[0] in _OURS:
-        return message
-    return f"{type(exc).__name__}: {message} ({DEBUG_ENV}=1 shows the traceback)"
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} ({DEBUG_ENV}=1 shows the traceback)"

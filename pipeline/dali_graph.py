@@ -29,6 +29,14 @@ def _interp(name: str):
         raise ValueError(f"augment.interpolation={name!r}: use one of {sorted(_INTERP)}") from None
 
 
+def device_id_of(device) -> int | None:
+    """DALI's ``device_id`` for a torch device (or its name): the GPU's index, None for the CPU."""
+    import torch
+
+    device = torch.device(device)
+    return None if device.type == "cpu" else device.index or 0
+
+
 def _decoder_device(device_id: int | None) -> str:
     return "cpu" if device_id is None else "mixed"
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.dali_graph import eval_graph, run_graph, to_torch, train_graph
+from pipeline.dali_graph import device_id_of, eval_graph, run_graph, to_torch, train_graph
 from pipeline.order import per_rank
 from pipeline.stream import STATE_VERSION, PieceReader, Sample, SampleStream, ShardSet, StreamMetrics
 from pipeline.transfer import to_device
@@ -137,7 +137,7 @@ class TrainLoader:
         self._samples: Iterator[Sample] | None = None
         self._pending: deque[_Pending] = deque()
         self._next_step = self.step
-        self._device_id = None if device == "cpu" else torch.device(device).index or 0
+        self._device_id = device_id_of(device)
         self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, self._device_id,
                                 num_threads=dali_threads, seed=data.stream.seed + rank)
 
@@ -156,12 +156,13 @@ class TrainLoader:
         samples = [next(self._samples) for _ in range(self.images_per_step)]
         rng = step_rng(self.data.stream.seed, self.rank, self._next_step)
         widths, heights = np.array([s.width for s in samples]), np.array([s.height for s in samples])
-        rows = np.repeat([s.row for s in samples], self.repeats)
+        image_rows = np.array([s.row for s in samples])
+        rows = np.repeat(image_rows, self.repeats)
         view_ids = None
         if self.data.augment.replay_views:  # k distinct crops of the image's fixed R
             view_ids = np.argsort(rng.random((len(samples), self.data.augment.replay_views)), axis=1)[:, :self.repeats]
-            views = replayed_image_views(self.data.augment.replay_seed, np.array([s.row for s in samples]), view_ids,
-                                         widths, heights, self.data.augment)
+            views = replayed_image_views(self.data.augment.replay_seed, image_rows, view_ids, widths, heights,
+                                         self.data.augment)
             view_ids = view_ids.reshape(-1)
         else:
             views = draw_views(rng, widths, heights, self.repeats, self.data.augment)
@@ -216,7 +217,7 @@ class EvalLoader:
         self.pieces = PieceReader(shards, data.stream, self.metrics)
         self._batches: Iterator[list[Sample]] = iter(())
         self._current: deque[list[Sample]] = deque()
-        self._device_id = None if device == "cpu" else torch.device(device).index or 0
+        self._device_id = device_id_of(device)
         self.pipe = eval_graph(self._feed, batch_size, data.augment, self._device_id, num_threads=dali_threads)
         self._built = False
 

@@ -22,7 +22,7 @@ import torch
 from infra.raycluster import init_ray
 from pipeline.batch_aug import normalize
 from pipeline.config import AugmentConfig, StreamConfig
-from pipeline.dali_graph import run_graph, to_torch, train_graph, whole_image_graph
+from pipeline.dali_graph import device_id_of, run_graph, to_torch, train_graph, whole_image_graph
 from pipeline.progress import Progress
 from pipeline.storage import Location
 from pipeline.stream import PieceReader, Sample, ShardSet, StreamMetrics
@@ -85,7 +85,7 @@ class ShardGraph:
     @classmethod
     def for_teacher(cls, teacher: Teacher, cfg: CacheBuildConfig) -> ShardGraph:
         """The graph a build worker feeds ``teacher`` with: on its device, whole images or crops."""
-        device_id = (teacher.device.index or 0) if teacher.device.type == "cuda" else None
+        device_id = device_id_of(teacher.device)
         if cfg.views:
             return cls(lambda source: train_graph(source, cfg.images_per_batch, cfg.views, cfg.augment, device_id,
                                                   num_threads=cfg.dali_threads), device_id)

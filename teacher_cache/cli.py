@@ -11,8 +11,7 @@ from pipeline.config import AugmentConfig
 from pipeline.demo import IMAGE_SETS
 from pipeline.storage import Location, parse_storage_options
 from pipeline.stream import StreamError
-from teacher_cache.cache import CacheMismatch
-from teacher_cache.teacher import TeacherError, TeacherSpec
+from teacher_cache.teacher import TeacherSpec
 from trainer.checkpoint import CheckpointError
 from trainer.recipes import UnknownRecipe
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(bench(args.shards, args.teacher, args.weights, args.resolution, args.topk, args.teacher_steps,
                     args.steps, args.size, data=args.data))
         return 0
-    except user_errors(CacheMismatch, TeacherError, CheckpointError, StreamError, UnknownRecipe) as exc:
+    except user_errors(CheckpointError, StreamError, UnknownRecipe) as exc:  # CacheMismatch, TeacherError: ValueErrors
         log.error("%s", describe(exc))
         return 2
 

@@ -60,6 +60,14 @@ def _fitted(spec: TeacherSpec, loaded: dict[str, Any]) -> str:
     return loaded["sha256"]
 
 
+def ready_for_inference(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """A teacher's model for inference on ``device``: eval mode, no gradients, NHWC memory on a GPU always (a
+    convnet's bf16 kernels, RegNetY's, are NHWC ones) and elsewhere when ``channels_last`` asks."""
+    if channels_last or device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def expected_identity(spec: TeacherSpec) -> dict[str, Any]:
     """The `Teacher.identity` a cache built from ``spec`` carries, without loading the model (weights are
     hashed, as `load_pretrained` reports them)."""
@@ -86,9 +94,7 @@ class Teacher:
             self.weights_sha256 = _fitted(spec, load_pretrained(self.model, spec.weights))
         else:
             log.warning("teacher %s has random weights (no weights file given)", spec.name)
-        self.model.eval().requires_grad_(False).to(self.device)
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        self.model = ready_for_inference(self.model, self.device)
         # what logits() and logit_map() call: compiled once each when asked (a batch of another size, a
         # shard's last one, recompiles once with a dynamic batch dimension, then serves every size)
         self._forward, self._features = self.model, self.model.forward_features

@@ -622,8 +622,9 @@ def test_a_teacher_actor_that_cannot_be_placed_is_a_clear_error(teacher_file: st
 
 
 def test_a_gpu_run_without_the_gpus_is_refused_on_this_machines_ray_and_warned_about_on_a_cluster(
-        local_ray: Any, caplog: pytest.LogCaptureFixture) -> None:
+        local_ray: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A paper recipe (scaling.use_gpu) on a machine without GPUs would wait for them forever."""
+    from trainer import run
     from trainer.run import check_gpus
 
     config = apply_overrides(recipes.get("demo_deit_tiny_distill"), ["scaling.use_gpu=true"])
@@ -636,8 +637,9 @@ def test_a_gpu_run_without_the_gpus_is_refused_on_this_machines_ray_and_warned_a
     remote = apply_overrides(config, ["distill.source=remote", "distill.remote_actors=3"])
     with pytest.raises(ConfigError, match=r"needs 4 GPUs \(2 workers and 2 teacher actors\)"):  # 3rd: never asked
         check_gpus(remote)
+    monkeypatch.setattr(run, "_cluster_may_grow", lambda: True)
     with caplog.at_level("WARNING", logger="trainer.run"):
-        check_gpus(config, cluster_may_grow=True)
+        check_gpus(config)
     assert "Ray Train waits until the cluster has them" in caplog.text
     check_gpus(apply_overrides(config, ["scaling.use_gpu=false"]))
 

@@ -784,13 +784,13 @@ def _dali_output_order(s: Settings, device: torch.device, shards) -> GpuRow:
     whole images is taken from the graph, ~0.2 s of matrix products are queued, and the copy's host time is
     timed. Off a GPU nothing is queued and the two calls are the same."""
     from pipeline.config import StreamConfig
-    from pipeline.dali_graph import run_graph, to_torch, whole_image_graph
+    from pipeline.dali_graph import device_id_of, run_graph, to_torch, whole_image_graph
     from pipeline.stream import SampleStream
     from trainer.worker import _sync
 
     samples = SampleStream(shards, StreamConfig(shuffle_buffer=16), threads=1).take(min(s.batch, len(shards)))
     encoded = [np.frombuffer(x.data, dtype=np.uint8) for x in samples]
-    device_id = (device.index or 0) if device.type == "cuda" else None
+    device_id = device_id_of(device)
     dev = "cpu" if device_id is None else str(device)
     pipe = whole_image_graph(lambda: encoded, len(encoded), s.size, device_id, s.threads)
     pipe.build()

@@ -465,11 +465,33 @@ def _state_digest(checkpoint: str) -> str:
     return json.loads(_read_bytes(f"{checkpoint.rstrip('/')}/{CHECKSUM_FILE}"))["files"][STATE_FILE]
 
 
+# sha256 of local weights files this process read, by (path, size, mtime): a driver checks a teacher's file
+# (`check_fits`) and then names it by its digest (`weights_digest`), and a 300 MB file need not be read twice
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _local_key(path: str) -> tuple[str, int, int] | None:
+    if "://" in path and not path.startswith("file://"):
+        return None
+    stat = os.stat(path.removeprefix("file://"))
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _file_digest(path: str, data: bytes | None = None) -> str:
+    key = _local_key(path)
+    if key is None or key not in _file_digests:
+        digest = hashlib.sha256(_read_bytes(path) if data is None else data).hexdigest()
+        if key is None:
+            return digest
+        _file_digests[key] = digest
+    return _file_digests[key]
+
+
 def weights_digest(path: str) -> str:
     """The sha256 that `load_pretrained` reports for ``path``, without loading it (a teacher's identity)."""
     if _is_folder(path):
         return _state_digest(_folder_checkpoint(path))
-    return hashlib.sha256(_read_bytes(path)).hexdigest()
+    return _file_digest(path)
 
 
 def check_fits(build: Callable[[], torch.nn.Module], path: str) -> dict[str, Any]:
@@ -499,7 +521,7 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
         digest = _state_digest(chosen)
     else:
         data = _read_bytes(path)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = _file_digest(path, data)
         try:
             # DeiT's released files may carry the argparse namespace of the run; allow that one class only
             with torch.serialization.safe_globals([argparse.Namespace]):

@@ -114,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config = resolve(args.recipe, args.overrides)
-    except recipes.UnknownRecipe as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OverrideError, ConfigError) as exc:
+    except (recipes.UnknownRecipe, OverrideError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -127,13 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"recipe": args.recipe, "config": to_dict(config)}, indent=2))
         return 0
     from pipeline.cli_errors import describe, user_errors
-    from pipeline.manifest import DatasetError
-    from teacher_cache.cache import CacheMismatch
     from trainer.checkpoint import CheckpointError
 
     try:
         train(config, storage=args.storage, name=args.name, max_failures=args.max_failures, resume=args.resume)
-    except user_errors(ConfigError, DatasetError, CacheMismatch, CheckpointError) as exc:  # before the workers start
+    except user_errors(CheckpointError) as exc:  # ConfigError, DatasetError, CacheMismatch: ValueErrors
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,7 @@ class TeacherActor:
 
     def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool,
                  compile_backend: str | None = None) -> None:
+        from teacher_cache.teacher import ready_for_inference
         from trainer.checkpoint import load_pretrained
         from trainer.config import ModelConfig
 
@@ -47,9 +48,7 @@ class TeacherActor:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         model = config.build()
         self.sha256 = load_pretrained(model, config.pretrained_path)["sha256"] if config.pretrained_path else ""
-        if channels_last or self.device.type == "cuda":  # on a GPU always, as the online and cache teachers
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.model = ready_for_inference(model, self.device, channels_last)
         if compile_backend:  # distill.compile_teacher
             self.model = torch.compile(self.model, backend=compile_backend)
         self.bf16 = bf16 and self.device.type == "cuda"

@@ -242,10 +242,10 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def check_gpus(config: TrainConfig, cluster_may_grow: bool | None = None) -> None:
+def check_gpus(config: TrainConfig) -> None:
     """A GPU run (``scaling.use_gpu``) on a Ray with fewer GPUs than it needs would wait for them forever:
     a `ConfigError` on a Ray of this machine alone, a warning on a cluster that may grow (an autoscaler may
-    add GPU nodes while Ray Train waits). ``cluster_may_grow`` None: `_cluster_may_grow`'s answer."""
+    add GPU nodes while Ray Train waits: `_cluster_may_grow`)."""
     import ray
 
     from trainer.config import ConfigError
@@ -262,9 +262,7 @@ def check_gpus(config: TrainConfig, cluster_may_grow: bool | None = None) -> Non
         return
     need = _plural(workers, "worker") + (f" and {_plural(actors, 'teacher actor')}" if actors else "")
     message = f"scaling.use_gpu=true needs {_plural(workers + actors, 'GPU')} ({need}); the Ray cluster has {have}"
-    if cluster_may_grow is None:
-        cluster_may_grow = _cluster_may_grow()
-    if not cluster_may_grow:
+    if not _cluster_may_grow():
         raise ConfigError([f"{message}: pass scaling.use_gpu=false to train on this machine's CPUs (slowly), "
                            f"or run where the GPUs are"])
     log.warning("%s: Ray Train waits until the cluster has them (an autoscaler may add GPU nodes)", message)

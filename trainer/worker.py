@@ -45,7 +45,7 @@ from pipeline.stream import ShardSet
 from pipeline.views import batch_rng
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
-from teacher_cache.teacher import TeacherSpec, expected_identity
+from teacher_cache.teacher import TeacherSpec, expected_identity, ready_for_inference
 from trainer.background import Background, snapshot
 from trainer.checkpoint import (
     CheckpointError,
@@ -822,9 +822,7 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     else:
         log.warning("distill.teacher.pretrained_path is not set: the teacher has random weights")
         identity["teacher.weights"] = "random"
-    if config.runtime.channels_last or device.type == "cuda":  # on a GPU always, as the cache build's teacher:
-        teacher = teacher.to(memory_format=torch.channels_last)  # a convnet's (RegNetY's) bf16 kernels are NHWC
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = ready_for_inference(teacher, device, config.runtime.channels_last)
     if d.compile_teacher:
         teacher = torch.compile(teacher, backend=config.runtime.compile_backend)
     return OnlineTeacher(teacher), identity
