@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -182,10 +183,7 @@ def read_info(dst: Location, split: str) -> DatasetInfo:
     fs, root = dst.fs_and_path()
     path = f"{root}/{split}.dataset.json"
     if not exists(fs, path):
-        raise DatasetError(
-            f"{dst.url}: split {split!r} is not built (no {split}.dataset.json); "
-            f"run `pipeline build-shards --split {split}` (a build that stopped half-way resumes)"
-        )
+        raise DatasetError(_why_not_built(dst, split))
     where = f"{dst.url}/{split}.dataset.json"
     value = _read_json(fs, path, where)
     _check_version(value, where)
@@ -199,6 +197,26 @@ def read_info(dst: Location, split: str) -> DatasetInfo:
         raise DatasetError(f"{where}: two shard entries have the same index; {_DAMAGED}")
     return DatasetInfo(split, value["num_samples"], value["num_classes"], value["fingerprint"],
                        value["shards"], value)
+
+
+def _why_not_built(dst: Location, split: str) -> str:
+    """Say what is at ``dst`` instead of the split: nothing at all (a typo, a missing bucket, no access), or
+    other splits (the wrong ``--split``), or a build that has not finished."""
+    fs, root = dst.fs_and_path()
+    build = (f"run `pipeline build-shards --src FOLDER --dst {dst.url} --split {split}` "
+             f"(a build that stopped half-way resumes)")
+    try:
+        there = fs.exists(root)
+        built = sorted(posixpath.basename(p)[:-len(".dataset.json")] for p in fs.glob(f"{root}/*.dataset.json"))
+    except (OSError, ValueError):  # e.g. no permission to list: say only what is known
+        there, built = True, []
+    if not there:
+        return (f"{dst.url}: nothing is there (no such folder or bucket, or no access to it): check the URL "
+                f"and the storage options, or {build}")
+    if built:
+        return (f"{dst.url}: split {split!r} is not built (no {split}.dataset.json); the splits there are "
+                f"{', '.join(built)}: choose one of them, or {build}")
+    return f"{dst.url}: split {split!r} is not built (no {split}.dataset.json); {build}"
 
 
 _DAMAGED = "the file is damaged or was edited: rebuild the split (`pipeline build-shards --overwrite`)"

@@ -381,6 +381,18 @@ def test_shard_name_that_is_a_path_is_refused_before_any_read(dst: Path, tmp_pat
         ShardSet.open(Location(str(dst)), "train")
 
 
+def test_a_missing_split_says_what_is_there_instead(dst: Path, tmp_path: Path) -> None:
+    """Nothing at the URL (a typo), other splits only (the wrong --split), or a build not yet done."""
+    with pytest.raises(DatasetError, match=r"typo: nothing is there \(no such folder or bucket, or no access"):
+        read_info(Location(str(tmp_path / "typo")), "train")
+    with pytest.raises(DatasetError, match=r"split 'val' is not built .*the splits there are train: choose one"):
+        read_info(Location(str(dst)), "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"split 'train' is not built \(no train.dataset.json\); run "
+                                           r"`pipeline build-shards --src FOLDER --dst .*empty --split train`"):
+        read_info(Location(str(tmp_path / "empty")), "train")
+
+
 @pytest.mark.parametrize(("column", "value", "message"), [
     ("shard", 99, "is in shard 99, which train.dataset.json does not list"),
     ("offset", 100, "has offset 100 and size"),

@@ -753,4 +753,4 @@ def test_cli_errors() -> None:
 def test_cli_refuses_unbuilt_shards_before_starting_ray(tmp_path) -> None:
     out = run_cli("demo_deit_tiny", f"data.train_url={tmp_path}/none", f"data.val_url={tmp_path}/none")
     assert out.returncode == 2
-    assert "is not built" in out.stderr and "pipeline build-shards" in out.stderr
+    assert "none: nothing is there (no such folder" in out.stderr and "pipeline build-shards" in out.stderr

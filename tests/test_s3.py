@@ -11,6 +11,7 @@ import pytest
 from pipeline.build import BuildConfig, build_shards
 from pipeline.config import StreamConfig
 from pipeline.inspect import inspect
+from pipeline.manifest import DatasetError, read_info
 from pipeline.order import stream_rows
 from pipeline.storage import Location
 from pipeline.stream import SampleStream, ShardSet
@@ -50,3 +51,8 @@ def test_cli_takes_credentials_from_the_environment_and_never_prints_them(tree: 
     assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
     for text in (build.stdout, build.stderr, check.stdout, check.stderr):
         assert secret not in text
+
+
+def test_a_bucket_that_does_not_exist_is_named_as_such(object_store) -> None:
+    with pytest.raises(DatasetError, match=r"s3://no-such-bucket/x: nothing is there \(no such folder or bucket"):
+        read_info(Location("s3://no-such-bucket/x", object_store.storage_options()), "train")
