@@ -294,7 +294,10 @@ def start_ray_head(
         SERVICE_NAME,
         argv,
         state,
-        env={**(env or {}), **RAY_HEAD_ENV, "RAY_AUTH_TOKEN_PATH": str(token_path)},
+        # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner (and any state API call in a job) asks
+        # this head's dashboard, not whichever Ray instance it finds on the machine.
+        env={**(env or {}), **RAY_HEAD_ENV, "RAY_AUTH_TOKEN_PATH": str(token_path),
+             "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{dashboard_port}"},
         # RAY_AUTH_TOKEN would take precedence over our token file.
         unset_env=("RAY_ADDRESS", "RAY_AUTH_TOKEN"),
     )
@@ -373,24 +376,83 @@ def stop_ray_head(head: RayHead, timeout: float = 20.0) -> list[int]:
     return stopped
 
 
-def init_ray(num_cpus: int | None = None):
-    """Connect this driver to Ray: the cluster of ``DISTILLERY_RAY_GCS_ADDRESS`` / a non-http ``RAY_ADDRESS``,
-    the cluster of the submitting job when run by ``ray job submit``, else a new local Ray on loopback
-    only (the embedded default). Returns the ``ray`` module."""
-    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"):
-        os.environ.setdefault(name, RAY_HEAD_ENV[name])
+class RayAddressError(ValueError):
+    """RAY_ADDRESS names something ray.init cannot connect to; the message says what to set instead."""
+
+
+_started_here = False  # this process's Ray is the local one `connect_ray` started
+
+
+def connect_ray(num_cpus: int | None = None, *, temp_dir: str | None = None, dashboard: bool = False,
+                object_store_memory: int | None = None):
+    """Connect this driver to Ray, once per process, and return the ``ray`` module: the cluster of
+    ``DISTILLERY_RAY_GCS_ADDRESS`` or ``RAY_ADDRESS`` (a GCS address, as Ray sets it inside ``ray job
+    submit``), the submitting job's cluster, else a new local Ray (the embedded default) on 127.0.0.1 only.
+
+    Loopback: Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is imported, and without it a local
+    Ray swaps 127.0.0.1 for the machine's routable IP and its GCS and raylet listen on every interface (see
+    the module docstring). This may run after ``import ray``, so the driver's copy of the setting is set too.
+    A cluster on other hosts is left to Ray's own settings (a driver joining one takes its node's address from
+    that node's raylet either way).
+
+    ``dashboard``: the local Ray's dashboard on a free loopback port, and ``RAY_API_SERVER_ADDRESS`` naming it
+    for Ray's processes: Ray Train V2's placement-group cleaner asks the state API whether the controller
+    lives, and without an address the state API looks for the Ray on the machine; beside another one (an
+    ``infra.local up`` head) it finds two and the cleaner warns every few seconds for the whole run.
+    """
+    global _started_here
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return ray
+    _started_here = False
     address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
-        address = ""  # the job-submission URL: a submitted job's driver finds its cluster itself
+        raise RayAddressError(
+            f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
+            "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
+            "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
+        )
     in_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if address or in_job:
-        ray.init(address=address or "auto", log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+    if (address or in_job) and not is_loopback(address):
+        ray.init(address=address or "auto")
+        return ray
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"):
+        os.environ.setdefault(name, RAY_HEAD_ENV[name])
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if address:  # a head on this machine, e.g. `infra.local up`'s
+        ray.init(address=address)
+        return ray
+    options: dict = {"include_dashboard": dashboard}
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if dashboard:
+        port = find_free_port()
+        # for Ray's processes, which ray.init starts with this environment; this process does not keep it,
+        # as it would override the address of every later `ray job submit` or state call made from here
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
+        options.update(dashboard_host=LOOPBACK, dashboard_port=port)
+    try:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
+                 object_store_memory=object_store_memory, **options)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+    _started_here = True
     return ray
+
+
+def started_here() -> bool:
+    """Whether this process's Ray is the local one `connect_ray` started (it never gains nodes)."""
+    return _started_here
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ``host:port`` address (or a bare host) is on this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]") if address.count(":") <= 1 or address.startswith("[") else address
+    return host.startswith("127.") or host in ("localhost", "::1")

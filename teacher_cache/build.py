@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.raycluster import init_ray
+from infra.raycluster import connect_ray
 from pipeline.batch_aug import normalize
 from pipeline.config import AugmentConfig, StreamConfig
 from pipeline.dali_graph import device_id_of, run_graph, to_torch, train_graph, whole_image_graph
@@ -258,7 +258,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict[str, Any]:
                 results[shard] = worker.run(shard, meta)
                 progress.update(results[shard]["samples"])
         return _finish(cfg, shards, identity, results)
-    ray = init_ray()
+    ray = connect_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = max(1, min(cfg.workers or gpus or 1, len(pending) or 1))
     options = {"num_gpus": 1} if gpus else {"num_cpus": cfg.cpus_per_worker}

@@ -282,8 +282,9 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
                 "python",
                 "-c",
                 # jobs do not get the submitter's environment: what the head was started with
+                # and the state API (Ray Train's placement-group cleaner) asks this head, not any Ray it finds
                 "import os; print('hello from ray', os.environ.get('AWS_ENDPOINT_URL'), "
-                "os.environ.get('MLFLOW_TRACKING_URI'))",
+                "os.environ.get('MLFLOW_TRACKING_URI'), os.environ.get('RAY_API_SERVER_ADDRESS'))",
             ],
             env=env,
             capture_output=True,
@@ -291,7 +292,8 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
             timeout=120,
         )
         assert job.returncode == 0, job.stdout + job.stderr
-        assert f"hello from ray http://127.0.0.1:{s3_port} http://127.0.0.1:{mlflow_port}" in job.stdout
+        assert f"hello from ray http://127.0.0.1:{s3_port} http://127.0.0.1:{mlflow_port} " \
+               f"http://127.0.0.1:{dashboard_port}" in job.stdout
         assert f"Job '{submission_id}' succeeded" in job.stdout + job.stderr
 
         # The job server wants this head's token: without it 401, with it the job's record.
@@ -314,3 +316,32 @@ def test_ray_head_via_cli_runs_a_job_and_down_leaves_no_ray_process(tmp_path: Pa
     assert all(is_port_free(port) for port in (dashboard_port, gcs_port, s3_port, mlflow_port))
     assert head.temp_dir == str(short) and not short.exists(), "the short temp dir is scratch"
     assert (state_dir / "ray.log").exists()
+
+
+def test_only_a_cluster_on_other_hosts_keeps_rays_own_node_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster on other hosts is left to Ray's settings; a head on this machine, like the embedded Ray,
+    gets loopback. And a job-server URL is not an address ray.init takes."""
+    import ray
+    from ray._private import ray_constants
+
+    from infra import raycluster
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "10.1.2.3:6379")
+    raycluster.connect_ray()
+    assert calls == [{"address": "10.1.2.3:6379"}] and ray_constants.ENABLE_RAY_CLUSTER is True
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "127.0.0.1:6379")
+    raycluster.connect_ray()
+    assert calls[-1] == {"address": "127.0.0.1:6379"} and ray_constants.ENABLE_RAY_CLUSTER is False
+    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(raycluster.RayAddressError, match="DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address"):
+        raycluster.connect_ray()
+    assert [raycluster.is_loopback(a) for a in ("127.0.0.1:1", "localhost:2", "[::1]:3", "::1", "10.0.0.1:4",
+                                                "head.example:5", "")] == [True, True, True, True, False, False,
+                                                                           False]

@@ -1,6 +1,6 @@
 """Security properties that hold by construction, checked so that they keep holding:
 
-* every server `infra` starts (S3, MLflow, Ray head) listens on loopback only;
+* every server `infra` starts (S3, MLflow, Ray head), and the embedded Ray, listens on loopback only;
 * storage URLs are storage: a webdataset-style ``pipe:`` command is refused, never run;
 * nothing in the code unpickles data it reads (shards, caches, checkpoints, teacher files): ``torch.load``
   always with ``weights_only=True``, no ``pickle``/``marshal``/``yaml.load``/``eval``, no ``shell=True``.
@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +91,35 @@ def test_every_server_infra_starts_listens_on_loopback_only(object_store: Any, m
         assert sockets, f"{service}: found no listening socket, so the check would prove nothing"
         exposed = {(pid, addr, port) for pid, found in sockets.items() for addr, port in found if addr not in LOOPBACK}
         assert not exposed, f"{service} listens beyond loopback: {sorted(exposed)}"
+
+
+def test_the_embedded_ray_listens_on_loopback_only_even_when_ray_was_imported_first() -> None:
+    """The local Ray of `trainer.main` / `teacher-cache build`. Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at
+    import: set only after `import ray`, its GCS and raylet listened on every interface, at the routable IP."""
+    code = textwrap.dedent("""
+        import json, os, sys
+        import ray
+        from infra.procs import process_family
+        from infra.raycluster import connect_ray
+        from tests.test_security import LOOPBACK, listening
+        connect_ray(1, temp_dir=sys.argv[1], dashboard=True)
+        found = listening(process_family(os.getpid()))
+        print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "sockets": sum(map(len, found.values())),
+                          "exposed": sorted(f"{pid} {a}:{port}" for pid, s in found.items() for a, port in s
+                                            if a not in LOOPBACK)}))
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "DISTILLERY_RAY_GCS_ADDRESS")}
+    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        out = subprocess.run([sys.executable, "-c", code, temp], env=env, capture_output=True, text=True,
+                             timeout=180, cwd=REPO)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["sockets"] >= 3, f"found {report['sockets']} listening sockets: the check would prove nothing"
+    assert report["gcs"].startswith("127.0.0.1:") and not report["exposed"], report
 
 
 @pytest.mark.parametrize("url", ["pipe:curl -s http://example.com/shard.tar", "pipe://aws s3 cp - x"])

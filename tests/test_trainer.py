@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import time
 from collections import defaultdict
@@ -642,6 +643,24 @@ def test_a_gpu_run_without_the_gpus_is_refused_on_this_machines_ray_and_warned_a
         check_gpus(config)
     assert "Ray Train waits until the cluster has them" in caplog.text
     check_gpus(apply_overrides(config, ["scaling.use_gpu=false"]))
+
+
+def test_rays_state_api_asks_this_runs_ray_when_another_ray_runs_on_the_machine(local_ray: Any, ray_head: Any) -> None:
+    """Ray Train's placement-group cleaner polls the state API from Ray's own processes; without an address
+    it looks for the Ray on the machine, finds `infra.local up`'s head beside the trainer's, and warns
+    ("multiple Ray instances") every few seconds for the whole run."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ask() -> tuple[str, int]:
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_API_SERVER_ADDRESS", ""), len(list_nodes())
+
+    address, nodes = ray.get(ask.remote(), timeout=60)  # without the address: RayStateApiException here
+    assert address == f"http://{ray._private.worker.get_dashboard_url()}" != ray_head.dashboard_url
+    assert nodes == 1
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ, "it would override `ray job submit --address` from here"
 
 
 def test_checkpoints_go_to_storage_else_checkpoint_url_else_the_clusters_root_else_runs(

@@ -48,10 +48,6 @@ STORAGE_ENV = "DISTILLERY_STORAGE"
 DEFAULT_STORAGE = "runs"
 
 
-class RayAddressError(ValueError):
-    """RAY_ADDRESS names something ray.init cannot connect to; the message says what to set instead."""
-
-
 def run(config: TrainConfig, storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
         resume: str | None = None, *, options: RunOptions | None = None) -> Any:
     """Train ``config`` on ``config.scaling.num_workers`` Ray Train workers; return Ray's ``Result``.
@@ -192,39 +188,16 @@ def _storage(storage: str) -> tuple[str, Any]:
     return storage.split("://", 1)[1], fs
 
 
-_started_here = False  # this process's Ray is the local one connect_ray started (it never grows)
-
-
 def connect_ray(num_workers: int, temp_dir: str | None = None) -> None:
-    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process).
+    """Join the cluster named by the environment, else start a local Ray on 127.0.0.1 (once per process:
+    `infra.raycluster.connect_ray`) with ``max(num_workers, cores)`` CPUs, `local_object_store_bytes` and
+    its dashboard: Ray Train V2's placement-group cleaner asks the dashboard's state API whether the
+    controller is alive (without it, it logs a warning every few seconds and cannot clean up after a dead
+    controller)."""
+    from infra.raycluster import connect_ray as connect
 
-    The local Ray has ``max(num_workers, cores)`` CPUs and its dashboard on a free loopback port: Ray Train
-    V2's placement-group cleaner asks the dashboard's state API whether the controller is alive (without
-    it, it logs a warning every few seconds and cannot clean up after a dead controller).
-    """
-    import ray
-
-    global _started_here
-    if ray.is_initialized():
-        return
-    _started_here = False
-    address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("http://", "https://")):
-        raise RayAddressError(
-            f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
-            "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
-            "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
-        )
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address)
-        return
-    # Loopback only: without this Ray 2.60 swaps 127.0.0.1 for the machine's routable IP (see infra/raycluster.py).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-             object_store_memory=local_object_store_bytes())
-    _started_here = True
+    connect(max(num_workers, os.cpu_count() or 1), temp_dir=temp_dir, dashboard=True,
+            object_store_memory=local_object_store_bytes())
 
 
 def _cluster_may_grow() -> bool:
@@ -232,10 +205,9 @@ def _cluster_may_grow() -> bool:
     GCS is on a loopback address (``infra.local``'s head; a job submitted to it)."""
     import ray
 
-    if _started_here:
-        return False
-    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
-    return not (host.startswith("127.") or host in ("localhost", "::1"))
+    from infra.raycluster import is_loopback, started_here
+
+    return not started_here() and not is_loopback(ray.get_runtime_context().gcs_address)
 
 
 def _plural(count: int, noun: str) -> str:
@@ -289,14 +261,6 @@ def local_tracking_warning(tracking_uri: str, run_dir: str) -> str | None:
     where = f"checkpoints on {run_dir}" if remote else "a Ray cluster"
     return (f"MLflow tracking goes to {tracking_uri}, a file on whichever node runs rank 0; with {where}, set "
             f"MLFLOW_TRACKING_URI (or tracking.tracking_uri) to a tracking server that every node reaches")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _job_id() -> str:
