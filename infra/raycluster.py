@@ -407,10 +407,11 @@ def connect_ray(num_cpus: int | None = None, *, temp_dir: str | None = None, das
     if ray.is_initialized():
         return ray
     _started_here = False
-    address = os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+    variable = "DISTILLERY_RAY_GCS_ADDRESS" if os.environ.get("DISTILLERY_RAY_GCS_ADDRESS") else "RAY_ADDRESS"
+    address = os.environ.get(variable, "")
     if address.startswith(("http://", "https://")):
         raise RayAddressError(
-            f"RAY_ADDRESS={address} is a job-server address; ray.init cannot connect to it. Submit this "
+            f"{variable}={address} is a job-server address; ray.init cannot connect to it. Submit this "
             "command with `ray job submit` (Ray sets RAY_ADDRESS for the job), or set "
             "DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address (host:port)"
         )
@@ -420,10 +421,10 @@ def connect_ray(num_cpus: int | None = None, *, temp_dir: str | None = None, das
         return ray
     for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"):
         os.environ.setdefault(name, RAY_HEAD_ENV[name])
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        from ray._private import ray_constants
+    from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+    # as Ray's env_bool reads it: only "1" and "true" keep the routable address
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
     if address:  # a head on this machine, e.g. `infra.local up`'s
         ray.init(address=address)
         return ray
@@ -453,6 +454,19 @@ def started_here() -> bool:
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a ``host:port`` address (or a bare host) is on this machine's loopback interface."""
-    host = address.rsplit(":", 1)[0].strip("[]") if address.count(":") <= 1 or address.startswith("[") else address
-    return host.startswith("127.") or host in ("localhost", "::1")
+    """Whether a ``host:port``, ``[v6]:port`` or bare host is this machine's loopback interface."""
+    import ipaddress
+
+    if address.startswith("["):
+        host = address[1:].split("]", 1)[0]
+    elif address.count(":") == 1:
+        host = address.split(":", 1)[0]
+    else:
+        host = address  # a bare host, or a bare IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)

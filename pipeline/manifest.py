@@ -183,7 +183,7 @@ def read_info(dst: Location, split: str) -> DatasetInfo:
     fs, root = dst.fs_and_path()
     path = f"{root}/{split}.dataset.json"
     if not exists(fs, path):
-        raise DatasetError(_why_not_built(dst, split))
+        raise DatasetError(_why_not_built(fs, root, dst.url, split))
     where = f"{dst.url}/{split}.dataset.json"
     value = _read_json(fs, path, where)
     _check_version(value, where)
@@ -199,24 +199,32 @@ def read_info(dst: Location, split: str) -> DatasetInfo:
                        value["shards"], value)
 
 
-def _why_not_built(dst: Location, split: str) -> str:
-    """Say what is at ``dst`` instead of the split: nothing at all (a typo, a missing bucket, no access), or
-    other splits (the wrong ``--split``), or a build that has not finished."""
-    fs, root = dst.fs_and_path()
-    build = (f"run `pipeline build-shards --src FOLDER --dst {dst.url} --split {split}` "
-             f"(a build that stopped half-way resumes)")
+def _why_not_built(fs: Any, root: str, url: str, split: str) -> str:
+    """Say what is at ``url`` instead of the split: nothing at all (a typo, a missing bucket, no access), a
+    build of the split that has not finished, or other splits (the wrong ``--split``)."""
+    build = f"`pipeline build-shards --src FOLDER --dst {url} --split {split}`"
+
+    def listed(pattern: str) -> list[str] | None:
+        try:
+            return fs.glob(f"{root}/{pattern}")
+        except (OSError, ValueError):  # e.g. no permission to list: say only what is known
+            return None
+
     try:
         there = fs.exists(root)
-        built = sorted(posixpath.basename(p)[:-len(".dataset.json")] for p in fs.glob(f"{root}/*.dataset.json"))
-    except (OSError, ValueError):  # e.g. no permission to list: say only what is known
-        there, built = True, []
+    except (OSError, ValueError):
+        there = True
     if not there:
-        return (f"{dst.url}: nothing is there (no such folder or bucket, or no access to it): check the URL "
-                f"and the storage options, or {build}")
+        return (f"{url}: nothing is there (no such folder or bucket, or no access to it): check the URL and the "
+                f"storage options, or build the split there with {build}")
+    if listed(f"{split}-*.tar"):
+        return (f"{url}: the build of split {split!r} has not finished (shards are there, {split}.dataset.json "
+                f"is not): rerun the same {build} and it resumes")
+    built = sorted(posixpath.basename(p)[:-len(".dataset.json")] for p in listed("*.dataset.json") or [])
     if built:
-        return (f"{dst.url}: split {split!r} is not built (no {split}.dataset.json); the splits there are "
-                f"{', '.join(built)}: choose one of them, or {build}")
-    return f"{dst.url}: split {split!r} is not built (no {split}.dataset.json); {build}"
+        return (f"{url}: split {split!r} is not built (no {split}.dataset.json); the splits there are "
+                f"{', '.join(built)}: choose one of them, or run {build}")
+    return f"{url}: split {split!r} is not built (no {split}.dataset.json); run {build}"
 
 
 _DAMAGED = "the file is damaged or was edited: rebuild the split (`pipeline build-shards --overwrite`)"

@@ -382,10 +382,14 @@ def test_shard_name_that_is_a_path_is_refused_before_any_read(dst: Path, tmp_pat
 
 
 def test_a_missing_split_says_what_is_there_instead(dst: Path, tmp_path: Path) -> None:
-    """Nothing at the URL (a typo), other splits only (the wrong --split), or a build not yet done."""
+    """Nothing at the URL (a typo), other splits only (the wrong --split), a build not finished, or none."""
     with pytest.raises(DatasetError, match=r"typo: nothing is there \(no such folder or bucket, or no access"):
         read_info(Location(str(tmp_path / "typo")), "train")
     with pytest.raises(DatasetError, match=r"split 'val' is not built .*the splits there are train: choose one"):
+        read_info(Location(str(dst)), "val")
+    (dst / "val-000000.tar").write_bytes((dst / "train-000000.tar").read_bytes())  # a val build stopped early
+    with pytest.raises(DatasetError, match=r"the build of split 'val' has not finished \(shards are there, "
+                                           r"val.dataset.json is not\): rerun the same `pipeline build-shards"):
         read_info(Location(str(dst)), "val")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"split 'train' is not built \(no train.dataset.json\); run "

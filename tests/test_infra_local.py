@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -330,18 +331,30 @@ def test_only_a_cluster_on_other_hosts_keeps_rays_own_node_address(monkeypatch: 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "10.1.2.3:6379")
-    raycluster.connect_ray()
-    assert calls == [{"address": "10.1.2.3:6379"}] and ray_constants.ENABLE_RAY_CLUSTER is True
-    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "127.0.0.1:6379")
-    raycluster.connect_ray()
-    assert calls[-1] == {"address": "127.0.0.1:6379"} and ray_constants.ENABLE_RAY_CLUSTER is False
-    monkeypatch.setenv("DISTILLERY_RAY_GCS_ADDRESS", "http://127.0.0.1:8265")
-    with pytest.raises(raycluster.RayAddressError, match="DISTILLERY_RAY_GCS_ADDRESS to the cluster's GCS address"):
+    with mock.patch.dict(os.environ):  # connect_ray's setdefaults stay in here
+        for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            os.environ.pop(name, None)
+        os.environ["DISTILLERY_RAY_GCS_ADDRESS"] = "10.1.2.3:6379"
         raycluster.connect_ray()
-    assert [raycluster.is_loopback(a) for a in ("127.0.0.1:1", "localhost:2", "[::1]:3", "::1", "10.0.0.1:4",
-                                                "head.example:5", "")] == [True, True, True, True, False, False,
-                                                                           False]
+        assert calls == [{"address": "10.1.2.3:6379"}] and ray_constants.ENABLE_RAY_CLUSTER is True
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+        del os.environ["DISTILLERY_RAY_GCS_ADDRESS"]
+        os.environ["RAY_JOB_ID"] = "02000000"  # a submitted job's driver without an address: its cluster
+        raycluster.connect_ray()
+        assert calls[-1] == {"address": "auto"} and ray_constants.ENABLE_RAY_CLUSTER is True
+        os.environ["DISTILLERY_RAY_GCS_ADDRESS"] = "127.0.0.1:6379"
+        raycluster.connect_ray()
+        assert calls[-1] == {"address": "127.0.0.1:6379"} and ray_constants.ENABLE_RAY_CLUSTER is False
+        os.environ["DISTILLERY_RAY_GCS_ADDRESS"] = "http://127.0.0.1:8265"
+        with pytest.raises(raycluster.RayAddressError, match=r"^DISTILLERY_RAY_GCS_ADDRESS=http://127\.0\.0\.1:8265 "
+                                                            r"is a job-server address"):
+            raycluster.connect_ray()
+        del os.environ["DISTILLERY_RAY_GCS_ADDRESS"]
+        os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"
+        with pytest.raises(raycluster.RayAddressError, match=r"^RAY_ADDRESS=http://"):
+            raycluster.connect_ray()
+    assert len(calls) == 3
+    loopback = ["127.0.0.1:1", "localhost:2", "LOCALHOST:3", "[::1]:4", "[::1]", "::1", "0:0:0:0:0:0:0:1",
+                "::ffff:127.0.0.1", "127.0.0.2"]
+    other = ["10.0.0.1:4", "head.example:5", "127.evil.example:6", "", "auto"]
+    assert [raycluster.is_loopback(a) for a in loopback + other] == [True] * len(loopback) + [False] * len(other)

@@ -73,5 +73,5 @@ def test_unknown_format_version_is_refused(built: Path) -> None:
 
 
 def test_unbuilt_split_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="pipeline build-shards --split val"):
+    with pytest.raises(DatasetError, match="run `pipeline build-shards --src FOLDER --dst .* --split val`"):
         inspect(Location(str(tmp_path)), "val")

@@ -103,11 +103,15 @@ def test_the_embedded_ray_listens_on_loopback_only_even_when_ray_was_imported_fi
         from infra.raycluster import connect_ray
         from tests.test_security import LOOPBACK, listening
         connect_ray(1, temp_dir=sys.argv[1], dashboard=True)
-        found = listening(process_family(os.getpid()))
+        found = listening([os.getpid(), *process_family(os.getpid())])
         print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "sockets": sum(map(len, found.values())),
                           "exposed": sorted(f"{pid} {a}:{port}" for pid, s in found.items() for a, port in s
                                             if a not in LOOPBACK)}))
     """)
+    from ray._private.services import node_ip_address_from_perspective
+
+    if node_ip_address_from_perspective() == "127.0.0.1":
+        pytest.skip("this machine has no routable address, so Ray would take loopback anyway: proves nothing")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "DISTILLERY_RAY_GCS_ADDRESS")}
     temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
