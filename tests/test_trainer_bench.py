@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-STEPS, VIEWS_PER_WORKER = 3, 30  # demo batch 64 over 2 workers = 32 views, 30 at repeats 3
+STEPS, VIEWS_PER_WORKER = 5, 30  # demo batch 64 over 2 workers = 32 views, 30 at repeats 3
 
 
 def _cells(text: str, name: str) -> list[str]:
@@ -27,16 +27,20 @@ def _cells(text: str, name: str) -> list[str]:
 @pytest.mark.slow
 def test_bench_prints_every_row_and_writes_the_same_as_json(local_ray: Any, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.bench import TARGET, main
+    """One run of every row, the checkpoint rows included (--checkpoint-every 2 of 5 timed steps: two
+    checkpoints per row, at steps 2 and 4, none after the last, on the training thread and in the background,
+    with their cost in the rows' step time and the notes)."""
+    from trainer.bench import CHECKPOINT_ROWS, TARGET, main
 
     out = tmp_path / "bench.json"
     code = main(["demo_deit_tiny_distill", "--steps", str(STEPS), "--warmup", "1", "--workers", "1,2",
-                 "--images", "128", "--out", str(out)])
+                 "--images", "128", "--checkpoint-every", "2", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["model only", "model + teacher", "full pipeline, 1 worker", "full pipeline, 2 workers"]
+    assert list(rows) == ["model only", "model + teacher", "full pipeline, 1 worker", "full pipeline, 2 workers",
+                          CHECKPOINT_ROWS[False], CHECKPOINT_ROWS[True]]
     for name, row in rows.items():
         assert math.isfinite(row["views_per_s"]) and row["views_per_s"] > 0, row
         assert 0 <= row["data_wait"] <= 1, row
@@ -45,7 +49,16 @@ def test_bench_prints_every_row_and_writes_the_same_as_json(local_ray: Any, tmp_
                                           f"{row['data_wait']:.1%}"]
     assert "no GPU" in rows["full pipeline, 2 workers"]["note"]
 
+    for background in (False, True):
+        row = rows[CHECKPOINT_ROWS[background]]
+        written = re.search(r"; (\d+) written, ([\d.]+) s writing and reporting, ([\d.]+) s of it on the training "
+                            r"thread \(of which ([\d.]+) s waiting for a write still running\)", row["note"])
+        assert written and int(written[1]) == 2 and float(written[2]) > 0, row["note"]
+    lost = [n for n in result["notes"] if "lost" in n]
+    assert len(lost) == 2 and all("per checkpoint (2 in 5 steps)" in n and "every_n_steps=1000" in n for n in lost)
+
     ratios = {r["name"]: r for r in result["ratios"]}
+    assert ratios["checkpoints in the background / none"]["denominator"] == "model only"
     targeted = [r for r in ratios.values() if r["target"] is not None]
     assert {r["numerator"] + " / " + r["denominator"] for r in targeted} == {
         "full pipeline, 1 worker / model only", "full pipeline, 2 workers / full pipeline, 1 worker"}
@@ -90,31 +103,8 @@ def test_usage_errors_exit_2_before_ray_starts(capsys: pytest.CaptureFixture[str
     assert "multiple" in capsys.readouterr().err
 
 
-@pytest.mark.dali
-@pytest.mark.slow
-def test_checkpoint_rows_write_checkpoints_in_the_timed_steps(local_ray: Any, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """--checkpoint-every 2 of 5 timed steps: two checkpoints per row (steps 2 and 4, none after the last),
-    on the training thread and in the background, with their cost in the rows' step time and the notes."""
-    from trainer.bench import CHECKPOINT_ROWS, main
+def test_checkpoint_every_must_fall_inside_the_timed_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.bench import main
 
-    out = tmp_path / "bench.json"
-    code = main(["demo_deit_tiny", "--steps", "5", "--warmup", "1", "--workers", "1", "--images", "128",
-                 "--checkpoint-every", "2", "--out", str(out)])
-    text = capsys.readouterr().out
-    assert code == 0, text
-    result = json.loads(out.read_text())
-    rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows)[-2:] == [CHECKPOINT_ROWS[False], CHECKPOINT_ROWS[True]]
-    for background in (False, True):
-        row = rows[CHECKPOINT_ROWS[background]]
-        assert row["views"] == rows["model only"]["views"] and row["views_per_s"] > 0
-        written = re.search(r"; (\d+) written, ([\d.]+) s writing and reporting, ([\d.]+) s of it on the training "
-                            r"thread \(of which ([\d.]+) s waiting for a write still running\)", row["note"])
-        assert written and int(written[1]) == 2 and float(written[2]) > 0, row["note"]
-    ratios = {r["name"]: r for r in result["ratios"]}
-    assert ratios["checkpoints in the background / none"]["denominator"] == "model only"
-    lost = [n for n in result["notes"] if "lost" in n]
-    assert len(lost) == 2 and all("per checkpoint (2 in 5 steps)" in n and "every_n_steps=1000" in n for n in lost)
     assert main(["demo_deit_tiny", "--steps", "5", "--checkpoint-every", "5"]) == 2
     assert "--checkpoint-every 5" in capsys.readouterr().err
