@@ -29,7 +29,7 @@ from pipeline.manifest import (
     write_info,
     write_manifest,
 )
-from pipeline.plan import ShardPlan, make_plan
+from pipeline.plan import ShardPlan, make_plan, shard_glob
 from pipeline.progress import Progress
 from pipeline.shardwriter import ShardTask, build_dir, part_name, write_shard
 from pipeline.sources import SourceError, SourceListing, scan
@@ -153,7 +153,7 @@ def _complete_build(cfg: BuildConfig, plan: ShardPlan) -> dict[str, Any] | None:
 def _remove_split(cfg: BuildConfig) -> None:
     fs, root = cfg.dst.fs_and_path()
     fs.invalidate_cache(root)
-    old = fs.glob(f"{root}/{cfg.split}-*.tar") + [
+    old = fs.glob(f"{root}/{shard_glob(cfg.split)}") + [
         f"{root}/{cfg.split}.{suffix}" for suffix in ("dataset.json", "parquet", "report.json")]
     for path in old:
         if fs.exists(path):
@@ -180,7 +180,7 @@ def _resume_state(cfg: BuildConfig, plan: ShardPlan) -> dict[int, dict[str, Any]
     parts: dict[int, dict[str, Any]] = {}
     fs.invalidate_cache(root)
     dfs.invalidate_cache(droot)
-    for stale in dfs.glob(f"{droot}/.tmp-*-{cfg.split}-*.tar"):  # left by writers killed mid-shard
+    for stale in dfs.glob(f"{droot}/.tmp-*-{shard_glob(cfg.split)}"):  # left by writers killed mid-shard
         dfs.rm(stale)
     listing = dfs.ls(droot, detail=True) if dfs.exists(droot) else []  # one listing, no request per shard
     sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in listing if e["name"].endswith(".tar")}

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.plan import shard_glob
 from pipeline.storage import Location, exists, write_bytes, write_json
 
 FORMAT = "distillery-shards"
@@ -217,7 +218,7 @@ def _why_not_built(fs: Any, root: str, url: str, split: str) -> str:
     if not there:
         return (f"{url}: nothing is there (no such folder or bucket, or no access to it): check the URL and the "
                 f"storage options, or build the split there with {build}")
-    if listed(f"{split}-*.tar"):
+    if listed(shard_glob(split)):
         return (f"{url}: the build of split {split!r} has not finished (shards are there, {split}.dataset.json "
                 f"is not): rerun the same {build} and it resumes")
     built = sorted(posixpath.basename(p)[:-len(".dataset.json")] for p in listed("*.dataset.json") or [])

@@ -40,6 +40,11 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def shard_glob(split: str) -> str:
+    """The glob pattern that matches every `shard_name` of ``split``."""
+    return f"{split}-*.tar"
+
+
 def shuffled_order(count: int, seed: int) -> np.ndarray:
     """A permutation of range(count), the same for the same (count, seed) on every machine."""
     return np.random.Generator(np.random.PCG64(seed)).permutation(count)
