@@ -269,9 +269,11 @@ def test_no_literal_secrets():
 def test_dockerfile_matches_bootstrap():
     docker = _joined(DOCKERFILE.read_text())
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
-    pins = re.search(r"pip install (torch==\S+ torchvision==\S+)", bootstrap).group(1)
-    assert f"pip install {pins}" in docker, f"the image must pin {pins} as scripts/bootstrap.sh does"
-    assert re.search(r"""pip install\s+["']?\S*\[cuda12\]""", docker), "the image must install the cuda12 extra"
+    pins = re.search(r"pip install -c constraints.txt (torch==\S+ torchvision==\S+)", bootstrap).group(1)
+    assert f"pip install -c constraints.txt {pins}" in docker, f"the image must pin {pins} as scripts/bootstrap.sh does"
+    assert re.search(r"""pip install -c \S*constraints.txt\s+["']?\S*\[cuda12\]""", docker), \
+        "the image must install the cuda12 extra at constraints.txt's versions"
+    assert "COPY --chown=ray:ray constraints.txt" in docker, "the image must take the repository's constraints.txt"
     assert docker.index(pins) < docker.index("[cuda12]"), "torch first, then the project (as bootstrap.sh)"
     base = re.search(r"^FROM\s+(\S+)", docker, re.M).group(1)
     assert re.fullmatch(r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn-runtime-ubuntu22\.04", base), base
