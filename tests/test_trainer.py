@@ -310,6 +310,40 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(reference: Ran, mlflow_
     assert (reference.run_dir / "tracking.json").is_file()
 
 
+EVAL_KEYS = ("eval/top1", "eval/top5", "eval/dist_top1", "eval/dist_top5", "eval/fused_top1", "eval/fused_top5")
+
+
+@dali
+def test_the_evaluate_command_gives_the_trainers_last_eval(reference: Ran, digits: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m trainer.evaluate` on the run folder: the final checkpoint's weights (step 12, evaluated by
+    the trainer at that epoch's end on 2 ranks), evaluated in this process on all 100 val images."""
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.evaluate import main
+
+    assert main(["demo_deit_tiny_distill", str(reference.run_dir), f"data.val_url={digits}", "--batch-size", "32",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    trained = reference.result.metrics
+    assert result["metrics"]["eval/samples"] == trained["eval/samples"] == 100 and result["ema"] is False
+    for key in EVAL_KEYS:  # the same images, weights and transform; other batches than the two ranks' halves
+        assert abs(result["metrics"][key] - trained[key]) <= 1.0 + 1e-4, (key, result["metrics"], trained)
+    checksums = json.loads((Path(latest_checkpoint(reference.run_dir)) / "checksums.json").read_text())
+    assert result["sha256"] == checksums["files"]["state.pt"]
+    # the weights of another class count, and EMA weights the run never kept: one error line each, exit 2
+    assert main(["demo_deit_tiny_distill", str(reference.run_dir), f"data.val_url={digits}", "--ema"]) == 2
+    assert "holds no EMA weights" in capsys.readouterr().err
+    other = tmp_path / "other.pth"
+    torch.save(apply_overrides(recipes.get("demo_deit_tiny_distill"), ["model.num_classes=7"]).model.build()
+               .state_dict(), other)
+    assert main(["demo_deit_tiny_distill", str(other), f"data.val_url={digits}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(other) in err and "head.weight" in err and "model.num_classes" in err
+    assert "Traceback" not in err
+    assert main(["demo_deit_tiny_distill", str(other), "data.val_url=" + str(tmp_path / "none")]) == 2
+    assert "nothing is there" in capsys.readouterr().err
+
+
 CHECKPOINT_STEPS = (4, 6, 8, 12)  # every_n_steps=4 and each epoch's end (6, 12)
 # (rank, step, background): a fixed one with checkpoints written on the training thread, and a random step
 # of each rank from seeded draws (several seeds, issue 7) with checkpoints written in the background

@@ -511,15 +511,18 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
     ``path``: a distillery checkpoint directory (its model, or its EMA with ``prefer_ema``), or a
     checkpoint file, local or URL, as timm and the DeiT releases write them (a ``state_dict``, or
     ``{"model": state_dict, ...}``), read with ``weights_only=True``. Returns ``{"path", "sha256",
-    "missing", "unexpected"}``; raises ``CheckpointError`` if weights the model needs are missing (other
-    than a classifier head of another class count).
+    "missing", "unexpected", "ema"}`` (``ema``: the EMA weights were the ones loaded); raises
+    ``CheckpointError`` if weights the model needs are missing (other than a classifier head of another
+    class count).
     """
     if _is_folder(path):  # a distillery checkpoint folder or run folder, local or on object storage
         chosen = _folder_checkpoint(path)
         state = load_checkpoint(chosen)
-        weights = state.ema if prefer_ema and state.ema is not None else state.model
+        used_ema = prefer_ema and state.ema is not None
+        weights = state.ema if used_ema else state.model
         digest = _state_digest(chosen)
     else:
+        used_ema = False
         data = _read_bytes(path)
         digest = _file_digest(path, data)
         try:
@@ -553,4 +556,4 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
         log.warning("%s: %d weights the model has no place for were ignored (e.g. %s)", path,
                     len(result.unexpected_keys), result.unexpected_keys[:3])
     return {"path": path, "sha256": digest, "missing": list(result.missing_keys),
-            "unexpected": list(result.unexpected_keys)}
+            "unexpected": list(result.unexpected_keys), "ema": used_ema}

@@ -107,15 +107,14 @@ def storage_root(config: TrainConfig, storage_path: str | None = None) -> str:
     return _absolute(storage_path or config.checkpoint.url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
 
 
-def preflight(config: TrainConfig) -> None:
-    """Fail in the driver, before Ray starts, on what the workers would only find later: unbuilt shards, a
-    class count the model does not have, weights files that are not there."""
+def check_splits(config: TrainConfig, sets: list[tuple[str, str]]) -> None:
+    """Each (url, split) of ``sets``, and ImageNet-V2 (``data.v2_url``) when given, is built and has the
+    model's class count; else a `DatasetError` that says what to do."""
     from pipeline.manifest import DatasetError, read_info
     from pipeline.storage import Location
 
-    sets = [(config.data.train_url, "train"), (config.data.val_url, "val")]
     if config.data.v2_url:
-        sets.append((config.data.v2_url, "val"))
+        sets = [*sets, (config.data.v2_url, "val")]
     for url, split in sets:
         info = read_info(Location(url), split)
         if info.num_classes != config.model.num_classes:
@@ -123,6 +122,15 @@ def preflight(config: TrainConfig) -> None:
                 f"{url} split {split!r} has {info.num_classes} classes but model.num_classes="
                 f"{config.model.num_classes}: set model.num_classes={info.num_classes} (and the teacher's)"
             )
+
+
+def preflight(config: TrainConfig) -> None:
+    """Fail in the driver, before Ray starts, on what the workers would only find later: unbuilt shards, a
+    class count the model does not have, weights files that are not there."""
+    from pipeline.manifest import DatasetError
+    from pipeline.storage import Location
+
+    check_splits(config, [(config.data.train_url, "train"), (config.data.val_url, "val")])
     for field_name, path, model in (("model.pretrained_path", config.model.pretrained_path, config.model),
                                     ("distill.teacher.pretrained_path", config.distill.teacher.pretrained_path,
                                      config.distill.teacher)):

@@ -73,8 +73,8 @@ from trainer.tracking import NullTracker, Tracker, TrackingSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "Parts", "encode", "decode", "train_loop_per_worker", "build", "local_parts", "build_teacher",
-           "loss_config", "synthetic_batches", "train_step", "optimizer_step", "evaluate", "checkpoint",
-           "train_state"]
+           "loss_config", "synthetic_batches", "train_step", "optimizer_step", "evaluate", "evaluate_model",
+           "autocast_for", "checkpoint", "train_state"]
 
 LOADER_METRICS = ("corrupt_samples", "substituted", "read_retries", "unreadable_pieces", "failed_windows")
 
@@ -160,9 +160,13 @@ class Parts:
 
     @property
     def autocast(self) -> torch.autocast:
-        """bf16 autocast on GPU when ``runtime.bf16`` (fp32 on CPU: CPU bf16 is slow and not what runs)."""
-        enabled = self.device.type == "cuda" and self.config.runtime.bf16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast_for(self.config, self.device)
+
+
+def autocast_for(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast on GPU when ``runtime.bf16`` (fp32 on CPU: CPU bf16 is slow and not what runs)."""
+    enabled = device.type == "cuda" and config.runtime.bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -358,30 +362,35 @@ def evaluate(p: Parts) -> dict[str, float]:
     """Top-1 / top-5 on the val split (``eval/``, with ReaL labels when given: ``eval/real_top1``) and on
     ImageNet-V2 when given (``eval_v2/``), summed over ranks: class head, and for distilled models the
     distillation head and DeiT's fused classifier (softmax sum of both heads)."""
-    out = _evaluate(p, p.eval_loader, "eval", p.real_labels)
+    model = unwrap(p.model)  # the bare model: a whole-model compile wraps it, per-block compiles sit inside it
+    out = evaluate_model(model, p.eval_loader, p.config, p.device, "eval", p.real_labels)
     if p.v2_loader is not None:
-        out.update(_evaluate(p, p.v2_loader, "eval_v2", None))
+        out.update(evaluate_model(model, p.v2_loader, p.config, p.device, "eval_v2"))
     return out
 
 
-def _evaluate(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None) -> dict[str, float]:
-    # the bare model, eager: a whole-model compile wraps it (unwrap), per-block compiles sit inside it
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader: EvalLoader, config: TrainConfig, device: torch.device,
+                   prefix: str = "eval", real: RealLabels | None = None) -> dict[str, float]:
+    """One pass of ``loader`` through the bare ``model`` in eval mode (eager, under the run's autocast):
+    ``{prefix}/top1``, ``/top5`` (and ``/real_top1``, ``/real_top5`` with ``real``) per head, summed over
+    ranks, and ``{prefix}/samples``. What the trainer logs and ``python -m trainer.evaluate`` prints."""
     with torch.compiler.set_stance("force_eager"):
-        return _evaluate_eager(p, loader, prefix, real)
+        return _evaluate_eager(model, loader, config, device, prefix, real)
 
 
-def _evaluate_eager(p: Parts, loader: EvalLoader, prefix: str, real: RealLabels | None) -> dict[str, float]:
-    model = unwrap(p.model)
+def _evaluate_eager(model: torch.nn.Module, loader: EvalLoader, config: TrainConfig, device: torch.device,
+                    prefix: str, real: RealLabels | None) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    distilled = p.config.model.distilled
+    distilled = config.model.distilled
     heads = ("cls", "dist", "fused") if distilled else ("cls",)
     # per head: top-1, top-5, ReaL top-1, ReaL top-5; then the sample count and the ReaL-labelled count
     sums = torch.zeros(len(heads) * 4 + 2, dtype=torch.float64)
     for images, labels, keys in loader:
-        x = normalize(images, p.config.data.augment).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(p.device)
-        with p.autocast:
+        x = normalize(images, config.data.augment).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device)
+        with autocast_for(config, device):
             if distilled:
                 tokens = model.forward_features(x)
                 cls_logits, dist_logits = model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
