@@ -194,6 +194,21 @@ def test_pretrained_from_our_checkpoint_folder(tmp_path: Path) -> None:
         load_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), str(tmp_path))
 
 
+def test_pretrained_ema_weights_are_taken_and_reported_only_where_the_checkpoint_has_them(tmp_path: Path) -> None:
+    model, ema = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    save_checkpoint(TrainState(step=2, epoch=0, model=model.state_dict(), ema=ema.state_dict(), fingerprint="f"),
+                    tmp_path / "with")
+    save_checkpoint(TrainState(step=2, epoch=0, model=model.state_dict(), fingerprint="f"), tmp_path / "without")
+    fresh = torch.nn.Linear(4, 4)
+    assert load_pretrained(fresh, str(tmp_path / "with"), prefer_ema=True)["ema"] is True
+    assert torch.equal(fresh.weight, ema.weight)
+    assert load_pretrained(fresh, str(tmp_path / "with"))["ema"] is False
+    assert torch.equal(fresh.weight, model.weight)
+    assert load_pretrained(torch.nn.Linear(4, 4), str(tmp_path / "without"), prefer_ema=True)["ema"] is False
+    torch.save(model.state_dict(), tmp_path / "file.pth")  # a plain file has no EMA of its own
+    assert load_pretrained(torch.nn.Linear(4, 4), str(tmp_path / "file.pth"), prefer_ema=True)["ema"] is False
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:
     from trainer.checkpoint import CorruptCheckpoint, checkpoints_newest_first, load_newest_intact
 
