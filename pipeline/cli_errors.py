@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 DEBUG_ENV = "DISTILLERY_DEBUG"
-_OURS = ("pipeline", "teacher_cache", "trainer", "infra")
+_OURS = ("pipeline", "teacher_cache", "trainer", "infra", "__main__")  # __main__: the `python -m` command's own
 
 
 def debugging() -> bool:

@@ -181,6 +181,7 @@ def test_pretrained_224_checkpoint_fine_tunes_at_384(tmp_path: Path, name: str) 
     assert torch.equal(target.pos_embed[:, :prefix].detach(), source.pos_embed[:, :prefix].detach())
     assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert "head.weight" in info["missing"]  # 1000 -> 10 classes: the head stays fresh
+    assert info["resampled"] == ["pos_embed"]
     assert len(info["sha256"]) == 64
 
 

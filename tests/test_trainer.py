@@ -12,6 +12,8 @@ import copy
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -333,15 +335,25 @@ def test_the_evaluate_command_gives_the_trainers_last_eval(reference: Ran, digit
     # the weights of another class count, and EMA weights the run never kept: one error line each, exit 2
     assert main(["demo_deit_tiny_distill", str(reference.run_dir), f"data.val_url={digits}", "--ema"]) == 2
     assert "holds no EMA weights" in capsys.readouterr().err
-    other = tmp_path / "other.pth"
-    torch.save(apply_overrides(recipes.get("demo_deit_tiny_distill"), ["model.num_classes=7"]).model.build()
-               .state_dict(), other)
-    assert main(["demo_deit_tiny_distill", str(other), f"data.val_url={digits}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(other) in err and "head.weight" in err and "model.num_classes" in err
-    assert "Traceback" not in err
-    assert main(["demo_deit_tiny_distill", str(other), "data.val_url=" + str(tmp_path / "none")]) == 2
+    # weights that fine-tuning adapts, which an evaluation must refuse: another class count, another
+    # resolution, weights the model has no place for
+    refused = {"classes": (["model.num_classes=7"], "model.num_classes"),
+               "resolution": (["model.img_size=64", "data.augment.image_size=64"], "another resolution"),
+               "unexpected": ([], "has no place for")}
+    for name, (overrides, words) in refused.items():
+        weights = apply_overrides(recipes.get("demo_deit_tiny_distill"), overrides).model.build().state_dict()
+        if name == "unexpected":
+            weights["head.extra"] = torch.zeros(3)
+        torch.save(weights, tmp_path / f"{name}.pth")
+        assert main(["demo_deit_tiny_distill", str(tmp_path / f"{name}.pth"), f"data.val_url={digits}"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {tmp_path / name}.pth") and words in last, (name, last)
+    assert main(["demo_deit_tiny_distill", str(reference.run_dir), "data.val_url=" + str(tmp_path / "none")]) == 2
     assert "nothing is there" in capsys.readouterr().err
+    # the command's own error class, from the real command line: one line, no traceback
+    out = subprocess.run([sys.executable, "-m", "trainer.evaluate", "demo_deit_tiny_distill", str(reference.run_dir),
+                          f"data.val_url={digits}", "--device", "xpu"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --device xpu: give cpu, cuda or cuda:N", out.stderr
 
 
 CHECKPOINT_STEPS = (4, 6, 8, 12)  # every_n_steps=4 and each epoch's end (6, 12)

@@ -405,10 +405,7 @@ def resize_pos_embed(posemb: torch.Tensor, model: torch.nn.Module) -> torch.Tens
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Make a checkpoint's ``state_dict`` fit ``model``: unwrap ``{"model": ...}``, strip ``module.``,
     resample ``pos_embed`` to the model's resolution, drop classifier heads of another class count."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = _unwrapped(state_dict)
     own = model.state_dict()
     out = {}
     for key, value in state_dict.items():
@@ -420,6 +417,14 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
             continue
         out[key] = value
     return out
+
+
+def _unwrapped(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint file: inside ``{"model": ...}`` / ``{"state_dict": ...}``, no ``module.``."""
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def _read_bytes(path: str) -> bytes:
@@ -511,7 +516,8 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
     ``path``: a distillery checkpoint directory (its model, or its EMA with ``prefer_ema``), or a
     checkpoint file, local or URL, as timm and the DeiT releases write them (a ``state_dict``, or
     ``{"model": state_dict, ...}``), read with ``weights_only=True``. Returns ``{"path", "sha256",
-    "missing", "unexpected", "ema"}`` (``ema``: the EMA weights were the ones loaded); raises
+    "missing", "unexpected", "ema", "resampled"}`` (``ema``: the EMA weights were the ones loaded;
+    ``resampled``: the weights resized to the model's resolution, ``["pos_embed"]`` or none); raises
     ``CheckpointError`` if weights the model needs are missing (other than a classifier head of another
     class count).
     """
@@ -534,8 +540,10 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
                 f"{path} cannot be read as weights only ({type(exc).__name__}: {str(exc)[:200]}); save the "
                 "model's state_dict alone (torch.save(model.state_dict(), PATH)) and pass that file"
             ) from exc
-    weights = adapt_state_dict(weights, model)
     own = model.state_dict()
+    given = _unwrapped(weights)
+    resampled = [k for k in ("pos_embed",) if k in given and k in own and given[k].shape != own[k].shape]
+    weights = adapt_state_dict(given, model)
     reshaped = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if reshaped:  # load_state_dict would raise with every mismatch listed
         first = reshaped[0]
@@ -556,4 +564,4 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
         log.warning("%s: %d weights the model has no place for were ignored (e.g. %s)", path,
                     len(result.unexpected_keys), result.unexpected_keys[:3])
     return {"path": path, "sha256": digest, "missing": list(result.missing_keys),
-            "unexpected": list(result.unexpected_keys), "ema": used_ema}
+            "unexpected": list(result.unexpected_keys), "ema": used_ema, "resampled": resampled}

@@ -7,10 +7,12 @@ trainer's at each epoch end (`trainer.worker.evaluate_model`: the recipe's eval 
 bf16 autocast on a GPU), in this process on one device, without Ray.
 
 ``WEIGHTS``: a distillery run or checkpoint folder (local or on object storage; ``--ema`` takes its EMA
-weights), or a checkpoint file as timm and the DeiT / CaiT releases write them. Every weight must fit,
-the classifier head included: a head of another class count is refused (``model.num_classes``), where
-fine-tuning (``model.pretrained_path``) would start a new one. Prints one JSON object: the weights, their
-sha256, the device and the metrics.
+weights), or a checkpoint file as timm and the DeiT / CaiT releases write them. The weights must be the
+model's, as DeiT's strict load wants them: a head of another class count (``model.num_classes``), weights
+the model has no place for, or a position embedding of another resolution (``model.img_size``) are
+refused, where fine-tuning (``model.pretrained_path``) starts a new head, ignores the rest and resamples.
+Prints one JSON object: the weights, their sha256, the device and the metrics. The device is the GPU when
+the recipe trains on one (``scaling.use_gpu``) and there is one, else the CPU; ``--device`` chooses.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_checkpoint", "main"]
+__all__ = ["EvaluateError", "evaluate_checkpoint", "main"]
+
+
+class EvaluateError(ValueError):
+    """A command-line choice this machine cannot serve (the device); the message says what to give."""
 
 
 def evaluate_checkpoint(config: TrainConfig, weights: str, device: torch.device, batch_size: int = 256,
@@ -45,11 +51,21 @@ def evaluate_checkpoint(config: TrainConfig, weights: str, device: torch.device,
     check_splits(config, [(config.data.val_url, "val")])
     model = config.model.build()
     loaded = load_pretrained(model, weights, prefer_ema=ema)
-    if loaded["missing"]:  # load_pretrained lets a head go (fine-tuning starts a new one); an evaluation cannot
+    # load_pretrained adapts what fine-tuning can start from; an evaluation needs the model that was trained
+    if loaded["missing"]:
         raise CheckpointError(
             f"{weights} has no weights for {loaded['missing'][:3]} of {config.model.name} with "
             f"model.num_classes={config.model.num_classes}: evaluate with the class count and the recipe "
             f"(a distilled model or not) the checkpoint was trained with")
+    if loaded["unexpected"]:
+        raise CheckpointError(
+            f"{weights} holds weights {config.model.name} has no place for (e.g. {loaded['unexpected'][:3]}): "
+            f"evaluate with the recipe and architecture overrides the checkpoint was trained with")
+    if loaded["resampled"]:
+        raise CheckpointError(
+            f"{weights} was trained at another resolution than model.img_size={config.model.img_size} (its "
+            f"{loaded['resampled'][0]} has another grid): evaluate with the resolution it was trained at, or "
+            f"fine-tune it first (model.pretrained_path)")
     if ema and not loaded["ema"]:
         raise CheckpointError(f"{weights} holds no EMA weights (a distillery run trained with ema.enabled=true "
                               f"has them); evaluate without --ema")
@@ -82,13 +98,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, as trainer.main's")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.enabled=true runs)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per eval batch (256)")
-    p.add_argument("--device", help="torch device (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when the recipe trains on a GPU and "
+                   "there is one, else cpu)")
     return p
+
+
+def _device(name: str | None, config: TrainConfig) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise EvaluateError(f"--device {name}: give cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvaluateError(f"--device {name}: torch sees {torch.cuda.device_count()} GPUs here; give --device cpu"
+                          + (" or cuda:0" if torch.cuda.device_count() else ""))
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a usage, config or input error)."""
     from pipeline.cli_errors import describe, user_errors
+    from pipeline.stream import StreamError
     from trainer import recipes
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
@@ -103,12 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve(args.recipe, args.overrides)
         if not config.data.val_url:
-            raise ConfigError(f"recipe {args.recipe} names no val shards: add data.val_url=URL")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: this machine has no GPU that torch can use; give --device cpu")
-        result = evaluate_checkpoint(config, args.weights, device, args.batch_size, args.ema)
-    except (recipes.UnknownRecipe, OverrideError, ConfigError, *user_errors(CheckpointError)) as exc:
+            raise ConfigError([f"data.val_url: recipe {args.recipe} names no val shards; add data.val_url=URL"])
+        result = evaluate_checkpoint(config, args.weights, _device(args.device, config), args.batch_size, args.ema)
+    except (recipes.UnknownRecipe, OverrideError, ConfigError, *user_errors(CheckpointError, StreamError)) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
