@@ -208,6 +208,13 @@ def test_pretrained_ema_weights_are_taken_and_reported_only_where_the_checkpoint
     assert load_pretrained(torch.nn.Linear(4, 4), str(tmp_path / "without"), prefer_ema=True)["ema"] is False
     torch.save(model.state_dict(), tmp_path / "file.pth")  # a plain file has no EMA of its own
     assert load_pretrained(torch.nn.Linear(4, 4), str(tmp_path / "file.pth"), prefer_ema=True)["ema"] is False
+    # DeiT's main.py and timm's train.py files keep it beside the model
+    for model_key, ema_key in (("model", "model_ema"), ("state_dict", "state_dict_ema")):
+        torch.save({model_key: model.state_dict(), ema_key: ema.state_dict(), "epoch": 3}, tmp_path / "both.pth")
+        assert load_pretrained(fresh, str(tmp_path / "both.pth"), prefer_ema=True)["ema"] is True
+        assert torch.equal(fresh.weight, ema.weight)
+        assert load_pretrained(fresh, str(tmp_path / "both.pth"))["ema"] is False
+        assert torch.equal(fresh.weight, model.weight)
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:

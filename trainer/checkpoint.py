@@ -515,7 +515,8 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
 
     ``path``: a distillery checkpoint directory (its model, or its EMA with ``prefer_ema``), or a
     checkpoint file, local or URL, as timm and the DeiT releases write them (a ``state_dict``, or
-    ``{"model": state_dict, ...}``), read with ``weights_only=True``. Returns ``{"path", "sha256",
+    ``{"model": state_dict, ...}``; with ``prefer_ema`` the EMA that DeiT's ``model_ema`` or timm's
+    ``state_dict_ema`` holds, if there is one), read with ``weights_only=True``. Returns ``{"path", "sha256",
     "missing", "unexpected", "ema", "resampled"}`` (``ema``: the EMA weights were the ones loaded;
     ``resampled``: the weights resized to the model's resolution, ``["pos_embed"]`` or none); raises
     ``CheckpointError`` if weights the model needs are missing (other than a classifier head of another
@@ -528,7 +529,6 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
         weights = state.ema if used_ema else state.model
         digest = _state_digest(chosen)
     else:
-        used_ema = False
         data = _read_bytes(path)
         digest = _file_digest(path, data)
         try:
@@ -540,6 +540,11 @@ def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False)
                 f"{path} cannot be read as weights only ({type(exc).__name__}: {str(exc)[:200]}); save the "
                 "model's state_dict alone (torch.save(model.state_dict(), PATH)) and pass that file"
             ) from exc
+        emas = [k for k in ("model_ema", "state_dict_ema")
+                if isinstance(weights, dict) and isinstance(weights.get(k), dict)]
+        used_ema = prefer_ema and bool(emas)
+        if used_ema:  # DeiT's main.py and timm's train.py keep the EMA beside the model
+            weights = weights[emas[0]]
     own = model.state_dict()
     given = _unwrapped(weights)
     resampled = [k for k in ("pos_embed",) if k in given and k in own and given[k].shape != own[k].shape]

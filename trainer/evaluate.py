@@ -6,8 +6,9 @@ ImageNet-V2 (``data.v2_url``) when the recipe or the overrides give them. The sa
 trainer's at each epoch end (`trainer.worker.evaluate_model`: the recipe's eval transform through DALI,
 bf16 autocast on a GPU), in this process on one device, without Ray.
 
-``WEIGHTS``: a distillery run or checkpoint folder (local or on object storage; ``--ema`` takes its EMA
-weights), or a checkpoint file as timm and the DeiT / CaiT releases write them. The weights must be the
+``WEIGHTS``: a distillery run or checkpoint folder (local or on object storage), or a checkpoint file as
+timm and the DeiT / CaiT releases write them; ``--ema`` takes the EMA weights a folder, DeiT's
+``model_ema`` or timm's ``state_dict_ema`` holds. The weights must be the
 model's, as DeiT's strict load wants them: a head of another class count (``model.num_classes``), weights
 the model has no place for, or a position embedding of another resolution (``model.img_size``) are
 refused, where fine-tuning (``model.pretrained_path``) starts a new head, ignores the rest and resamples.
@@ -67,8 +68,9 @@ def evaluate_checkpoint(config: TrainConfig, weights: str, device: torch.device,
             f"{loaded['resampled'][0]} has another grid): evaluate with the resolution it was trained at, or "
             f"fine-tune it first (model.pretrained_path)")
     if ema and not loaded["ema"]:
-        raise CheckpointError(f"{weights} holds no EMA weights (a distillery run trained with ema.enabled=true "
-                              f"has them); evaluate without --ema")
+        raise CheckpointError(f"{weights} holds no EMA weights (a distillery run trained with ema.enabled=true, "
+                              f"or a DeiT / timm file with model_ema / state_dict_ema, has them); evaluate "
+                              f"without --ema")
     if config.runtime.channels_last:  # the memory format the trainer's student has
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -96,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="a distillery run or checkpoint folder, or a timm / DeiT checkpoint file "
                    "(local path or URL)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, as trainer.main's")
-    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.enabled=true runs)")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (an ema.enabled=true run, "
+                   "or a DeiT / timm file's model_ema / state_dict_ema)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per eval batch (256)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when the recipe trains on a GPU and "
                    "there is one, else cpu)")
