@@ -403,9 +403,8 @@ def resize_pos_embed(posemb: torch.Tensor, model: torch.nn.Module) -> torch.Tens
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Make a checkpoint's ``state_dict`` fit ``model``: unwrap ``{"model": ...}``, strip ``module.``,
-    resample ``pos_embed`` to the model's resolution, drop classifier heads of another class count."""
-    state_dict = _unwrapped(state_dict)
+    """Make a checkpoint's weights (`_unwrapped`) fit ``model``: resample ``pos_embed`` to the model's
+    resolution, drop classifier heads of another class count."""
     own = model.state_dict()
     out = {}
     for key, value in state_dict.items():

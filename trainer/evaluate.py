@@ -75,16 +75,15 @@ def evaluate_checkpoint(config: TrainConfig, weights: str, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
     data_device = "cpu" if device.type == "cpu" else str(device)
-    val = ShardSet.open(Location(config.data.val_url), "val")
     real = None
     if config.data.real_labels:
-        real = load_real_labels(config.data.real_labels, val.location, config.model.num_classes)
-    metrics = evaluate_model(model, EvalLoader(val, config.data, batch_size, device=data_device,
-                                               dali_threads=dali_threads), config, device, "eval", real)
-    if config.data.v2_url:
-        v2 = ShardSet.open(Location(config.data.v2_url), "val")
-        metrics.update(evaluate_model(model, EvalLoader(v2, config.data, batch_size, device=data_device,
-                                                        dali_threads=dali_threads), config, device, "eval_v2"))
+        real = load_real_labels(config.data.real_labels, Location(config.data.val_url), config.model.num_classes)
+    metrics: dict[str, float] = {}
+    for prefix, url, labels in (("eval", config.data.val_url, real), ("eval_v2", config.data.v2_url, None)):
+        if url:
+            loader = EvalLoader(ShardSet.open(Location(url), "val"), config.data, batch_size, device=data_device,
+                                dali_threads=dali_threads)
+            metrics.update(evaluate_model(model, loader, config, device, prefix, labels))
     return {"weights": weights, "sha256": loaded["sha256"], "ema": loaded["ema"], "model": config.model.name,
             "device": str(device), "metrics": metrics}
 

@@ -370,17 +370,12 @@ def evaluate(p: Parts) -> dict[str, float]:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def evaluate_model(model: torch.nn.Module, loader: EvalLoader, config: TrainConfig, device: torch.device,
                    prefix: str = "eval", real: RealLabels | None = None) -> dict[str, float]:
     """One pass of ``loader`` through the bare ``model`` in eval mode (eager, under the run's autocast):
     ``{prefix}/top1``, ``/top5`` (and ``/real_top1``, ``/real_top5`` with ``real``) per head, summed over
     ranks, and ``{prefix}/samples``. What the trainer logs and ``python -m trainer.evaluate`` prints."""
-    with torch.compiler.set_stance("force_eager"):
-        return _evaluate_eager(model, loader, config, device, prefix, real)
-
-
-def _evaluate_eager(model: torch.nn.Module, loader: EvalLoader, config: TrainConfig, device: torch.device,
-                    prefix: str, real: RealLabels | None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     distilled = config.model.distilled
