@@ -84,6 +84,7 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
 def test_peaks_and_verdicts() -> None:
     assert peak_flops("NVIDIA H100 80GB HBM3") == peak_flops("NVIDIA H200") == 989.4e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("Some GPU") is None
+    assert peak_flops("NVIDIA H100 NVL") == peak_flops("NVIDIA H200 NVL") == 835e12  # not the SXM parts' peak
     rows = [GpuRow("model only", "deit_s_distill", 5000.0, 0.0), GpuRow("model only", "cait_s24", 700.0),
             GpuRow("model only", "cait_s24 compiled", 1500.0),
             GpuRow("model only", "cait_s24, sdpa talking heads", 1050.0),
@@ -196,3 +197,74 @@ def test_rows_run_by_priority_and_print_in_table_order() -> None:
     assert ran == ["build", "goal", "spare"] and "not run" in rows.rows[3].note
     assert partials == [["build"], ["goal", "build"], ["goal", "build", "compile"],
                         ["spare", "goal", "build", "compile"]]
+
+
+def test_an_object_store_that_does_not_start_fails_the_s3_rows_and_not_the_suite(tmp_path: Path) -> None:
+    """The store starts inside the first S3 row (here it cannot: its state folder would be under a file);
+    that row and the other S3 row fail, the rest are measured, and closing a store never started is fine."""
+    import time
+
+    from trainer.bench_gpu import _Rows, _StoreCopy
+
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    store = _StoreCopy(not_a_folder, shards=None)
+    rows = _Rows(deadline=time.monotonic() + 30)
+    for repeats in (3, 1):
+        rows.add("full pipeline", f"x{repeats}, S3", lambda: GpuRow("full pipeline", "S3", len(store.shard_set())))
+    rows.add("full pipeline", "x3", lambda: GpuRow("full pipeline", "x3", 1.0))
+    first, second, local = rows.run()
+    store.close()
+    assert first.views_per_s is None and first.note.startswith(("failed: NotADirectoryError", "failed: FileExists"))
+    assert second.views_per_s is None and "failed: RuntimeError: the local S3 store is not there" in second.note
+    assert local.views_per_s == 1.0
+
+
+def test_max_seconds_counts_from_started_at(tmp_path: Path) -> None:
+    """scripts/gpu_bench.sh passes its own start: the minutes spent unpacking DALI count against
+    --max-seconds, so past it no row starts (and each says so)."""
+    import time
+
+    from trainer.bench_gpu import main
+
+    out = tmp_path / "BENCHMARKS.md"
+    args = ["--quick", "--models", "deit_ti", "--pipeline-models", "", "--no-s3", "--write", str(out)]
+    assert main([*args, "--max-seconds", "600", "--started-at", str(time.time() - 601)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| model only |")]
+    assert rows and all("not run: --max-seconds reached" in line for line in rows), rows
+    out.unlink()
+    assert main([*args, "--max-seconds", "600", "--started-at", str(time.time() - 60)]) == 0
+    assert re.search(r"^\| model only \| deit_ti \| [\d,]+ \|", out.read_text(), re.M)
+
+
+def test_gpu_bench_sh_without_dali_still_measures_the_other_rows(tmp_path: Path) -> None:
+    """On the GPU machine a DALI part that did not arrive (or a broken one) must cost the DALI rows, not
+    the whole call: scripts/gpu_bench.sh goes on, says why in gpu.txt, and the table has the rest."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "part00").write_bytes(b"not a tar")  # what a lost or cut part looks like
+    blocker = tmp_path / "blocker"  # this interpreter has DALI; the GPU machine's python3 has not
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+                    raise ImportError("DALI is not installed on this machine")
+        sys.meta_path.insert(0, Blocked())
+    """))
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(blocker), "GPU_BENCH_TMP": str(tmp_path), "OUT": str(out)}
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_bench.sh"), "", "--quick", "--models", "deit_ti",
+                           "--pipeline-models", "", "--no-s3"], capture_output=True, text=True, env=env, timeout=600)
+    log = out / "bench_gpu.log"
+    assert proc.returncode == 0, proc.stderr[-4000:] + (log.read_text()[-4000:] if log.exists() else "")
+    assert log.exists(), f"gpu_bench.sh stopped before the benchmark: {proc.stderr[-4000:]}"
+    said = (out / "gpu.txt").read_text()
+    assert "installing DALI from the parts" in said and "DALI does not import" in said, said
+    table = (out / "BENCHMARKS-gpu.md").read_text()
+    assert re.search(r"^\| model only \| deit_ti \| [\d,]+ \|", table, re.M), table
+    assert re.search(r"^\| DALI alone \| .* \| - \|.*failed: .*DALI", table, re.M), table

@@ -74,12 +74,14 @@ PIPELINE_MODELS = ("deit_s_distill", "deit_b_distill")
 GOALS = {"deit_s_distill": 4700.0, "deit_b_distill": 3000.0}
 MAX_DATA_WAIT = 0.05
 # dense bf16 tensor-core peaks (NVIDIA's datasheets; the sparse figures are twice these), by device name
-_PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800", 989.4e12), ("A100", 312e12),
-          ("L40S", 362e12), ("A10G", 125e12))
+_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989.4e12),
+          ("H200", 989.4e12), ("H800", 989.4e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12))
 
 
 DALI_STOCK_RA = "DALI stock rand_augment n=2 m=9 (baseline)"
 COMPILE_SECONDS = 120.0  # a compiled row is not started with less than this left before --max-seconds
+WHOLE_MODEL_COMPILE_SECONDS = 240.0  # CaiT-XXS24's 24 + 2 blocks compiled as one graph, not one block's
+PROFILE_SECONDS = 60.0  # the profile row: its pipeline's start-up, warm-up and the profiled steps
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -115,6 +117,7 @@ class Settings:
     threads: int  # loader threads, DALI threads, peer DataLoader workers
     overrides: tuple[str, ...]
     max_seconds: float = 1e9  # rows that would start later are reported "not run"
+    started_at: float | None = None  # time.time() that max_seconds counts from (None: run_suite's start)
     compile_scope: str = "auto"  # runtime.compile_scope of every recipe (--compile-scope)
     s3: bool = False  # also the rows through the local S3-protocol store (needs s3fs and moto)
 
@@ -294,7 +297,8 @@ def _model_only(s: Settings, device: torch.device, peak: float | None, rows: _Ro
                 priority = GOAL if name in s.pipeline_models or name.startswith("cait") or name == "deit_s" else MORE
             rows.add("model only", _model_row(name, compiled, variant),
                      lambda n=name, v=variant: measure(n, compiled, v),
-                     min_seconds=COMPILE_SECONDS if compiled else 0.0, priority=priority)
+                     min_seconds=0.0 if not compiled else WHOLE_MODEL_COMPILE_SECONDS if variant == WHOLE_MODEL
+                     else COMPILE_SECONDS, priority=priority)
 
 
 def _model_row(name: str, compiled: bool, variant: str = "") -> str:
@@ -481,11 +485,12 @@ def _pipeline(s: Settings, device: torch.device, root: Path, shards_url: str, ro
         rows.add("peers", f"{name}, online teacher, timm+PIL",
                  lambda b=base, n=name, k=key: _peers(s, device, b, teachers[k][0], shards, n), priority=GOAL)
         if name == s.pipeline_models[0] and s.s3:
-            s3_shards = stack.enter_context(_object_store(root, shards))  # open until the suite ends
+            store = _StoreCopy(root, shards)
+            stack.callback(store.close)  # open until the suite ends
             for repeats in (3, 1):
                 rows.add("full pipeline", f"{name}, cache teacher, x{repeats}, S3",
-                         lambda b=base, n=name, k=key, r=repeats, w=s3_shards:
-                         measure(b, n, *teachers[k], "cache", r, w, "S3 (moto on 127.0.0.1)"))
+                         lambda b=base, n=name, k=key, r=repeats, w=store:
+                         measure(b, n, *teachers[k], "cache", r, w.shard_set(), "S3 (moto on 127.0.0.1)"))
     return {name: (base, lambda k=key: teachers[k], shards) for name, (base, key) in built.items()}
 
 
@@ -577,27 +582,53 @@ def _profile(s: Settings, device: torch.device, built: dict[str, tuple], rows: _
         return GpuRow("profile", label, rate, wait, None, None,
                       f"{where} ms per step: {per_step}; top: {top}")
 
-    rows.add("profile", label, measure, min_seconds=30.0, priority=LAST)
+    rows.add("profile", label, measure, min_seconds=PROFILE_SECONDS, priority=LAST)
 
 
-@contextlib.contextmanager
-def _object_store(root: Path, shards) -> Iterator:
-    """The local S3-protocol store (moto) holding a copy of ``shards``; yields their ShardSet there."""
-    from infra.objectstore import start_object_store, stop_object_store
-    from pipeline.storage import Location
-    from pipeline.stream import ShardSet
+class _StoreCopy:
+    """The local S3-protocol store (moto) holding a copy of ``shards``: started by the first row that reads
+    it, inside that row's measurement, so a store that does not start fails the S3 rows and not the suite
+    (the error is kept: the other S3 rows fail with it at once); :meth:`close` stops it."""
 
-    store = start_object_store(root / "s3-state")
-    try:
-        fs, local = shards.location.fs_and_path()
-        location = Location("s3://distillery/bench-shards", store.storage_options())
+    def __init__(self, root: Path, shards) -> None:
+        self.root, self.shards = root, shards
+        self._store = None
+        self._copy = None
+        self._error: Exception | None = None
+
+    def shard_set(self):
+        """The shards' ShardSet in the store, which starts now if it has not yet."""
+        if self._error is not None:
+            raise RuntimeError(f"the local S3 store is not there: {type(self._error).__name__}: "
+                               f"{self._error}") from self._error
+        if self._copy is None:
+            try:
+                self._copy = self._start()
+            except Exception as exc:
+                self._error = exc
+                raise
+        return self._copy
+
+    def _start(self):
+        from infra.objectstore import start_object_store
+        from pipeline.storage import Location
+        from pipeline.stream import ShardSet
+
+        self._store = start_object_store(self.root / "s3-state")
+        fs, local = self.shards.location.fs_and_path()
+        location = Location("s3://distillery/bench-shards", self._store.storage_options())
         s3, remote = location.fs_and_path()
         for path in fs.ls(local, detail=False):
             if fs.isfile(path):
                 s3.put(path, f"{remote}/{path.rsplit('/', 1)[-1]}")
-        yield ShardSet.open(location, "train")
-    finally:
-        stop_object_store(store)
+        return ShardSet.open(location, "train")
+
+    def close(self) -> None:
+        if self._store is not None:
+            from infra.objectstore import stop_object_store
+
+            stop_object_store(self._store)
+            self._store = None
 
 
 def _random_teacher(config: TrainConfig, shards_url: str, root: Path) -> tuple[str, str, float]:
@@ -947,7 +978,8 @@ def run_suite(s: Settings, partial: str | None = None, profile: str | None = Non
         if partial:
             _write_atomic(partial, table(_title(s, name, origin) + " (partial: the run was still going)", rows_so_far))
 
-    rows = _Rows(time.monotonic() + s.max_seconds, save)
+    already = time.time() - s.started_at if s.started_at is not None else 0.0  # e.g. unpacking DALI
+    rows = _Rows(time.monotonic() + s.max_seconds - max(already, 0.0), save)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         flops: dict[str, float] = {}
@@ -1091,6 +1123,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--write", metavar="PATH", help="append the table to this file (BENCHMARKS.md)")
     p.add_argument("--max-seconds", type=float, default=480.0,
                    help="start no row after this many seconds (default 480: a lent GPU's minutes are few)")
+    p.add_argument("--started-at", type=float, metavar="UNIX_SECONDS",
+                   help="count --max-seconds from this time (scripts/gpu_bench.sh: its own start, so that "
+                        "installing DALI counts too), not from this process's start")
     p.add_argument("--quick", action="store_true", help="CI size: checks that every row runs, not its speed")
     p.add_argument("--s3", action=argparse.BooleanOptionalAction, default=None,
                    help="rows through the local S3-protocol store (default: when s3fs and moto are importable)")
@@ -1106,6 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  pipeline_models=tuple(m for m in args.pipeline_models.split(",") if m),
                  compiled=tuple(m for m in args.compile.split(",") if m),
                  threads=args.threads, overrides=tuple(args.overrides), max_seconds=args.max_seconds,
+                 started_at=args.started_at,
                  compile_scope=args.compile_scope,
                  s3=args.s3 if args.s3 is not None else _have_s3())
     if args.quick:
