@@ -33,7 +33,7 @@ if [ -d "$tmp/s3w" ] && [ ! -d "$tmp/site-s3/moto" ]; then  # carried .s3wheels:
 fi
 if ! python3 -c "import nvidia.dali" 2>/dev/null && [ ! -d "$tmp/site/nvidia/dali" ]; then
   rm -rf "$tmp/w" && mkdir -p "$tmp/w"
-  parts=$(find "$tmp/parts" -maxdepth 1 -name 'part*' | sort)
+  parts=$(find "$tmp/parts" -maxdepth 1 -type f -name 'part*' | sort)
   # shellcheck disable=SC2086
   if [ -z "$parts" ] || ! { cat $parts | tar xf - -C "$tmp/w" \
        && python3 -m pip install -q --no-index --no-deps --target "$tmp/site" "$tmp"/w/*.whl; }; then

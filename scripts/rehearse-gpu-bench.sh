@@ -48,4 +48,11 @@ mkdir -p "$scratch/s3w" && cp .s3wheels/* "$scratch/s3w/"
 [ $# -gt 0 ] || set -- --quick
 env -u VIRTUAL_ENV -u PYTHONPATH PATH="$venv/bin:/usr/local/bin:/usr/bin:/bin" OUT=/tmp/rehearse-gpu/out \
   GPU_BENCH_TMP="$scratch" PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh "$last" "$@"
+# gpu_bench.sh goes on past a failed install (on the machine, the other rows are worth their minutes): here
+# that, or any row that failed, is what the rehearsal is for
+if grep '^gpu_bench.sh: ' /tmp/rehearse-gpu/out/gpu.txt >&2 || grep '| failed: ' /tmp/rehearse-gpu/out/BENCHMARKS-gpu.md >&2
+then
+  echo "rehearse-gpu-bench: FAILED (above); logs in /tmp/rehearse-gpu/out" >&2
+  exit 1
+fi
 echo "rehearse-gpu-bench: passed; the table is /tmp/rehearse-gpu/out/BENCHMARKS-gpu.md (from $repo)"
