@@ -2,10 +2,11 @@
 
 One graph for both worlds: ``device_id`` an int runs it on that GPU (nvJPEG through ``device="mixed"``,
 resizes on the GPU); ``device_id=None`` runs the identical graph with DALI's CPU operators, which is what
-CI tests. Inputs arrive through ``fn.external_source`` from the stream (encoded bytes, labels) and from
-`pipeline.views` (per-view crop boxes and flips), so the graph holds no randomness of its own.
+CI tests. Inputs arrive through ``fn.external_source`` from the stream (encoded bytes) and from
+`pipeline.views` (per-view crop boxes and flips), so the graph holds no randomness of its own; the labels
+never enter it (the loaders hand them on from the host).
 
-Train output per image: ``views`` uint8 [k, S, S, 3] and ``label``; the batch-level steps that follow
+Train output per image: ``views`` uint8 [k, S, S, 3]; the batch-level steps that follow
 (RandAugment, normalisation, random erasing, Mixup/CutMix) run on the torch batch (`pipeline.batch_aug`).
 """
 
@@ -52,7 +53,9 @@ def crop_resize(images, box, size: int, interp):
 
 def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg: AugmentConfig,
                 device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0):
-    """A DALI pipeline: (encoded, boxes [k,4], flips [k], label) per image -> (views [k,S,S,3], label)."""
+    """A DALI pipeline: (encoded, boxes [k,4], flips [k]) per image -> views [k,S,S,3]. Labels stay on the
+    host beside the graph: a CPU output of a graph on a GPU may come back pinned and ordered on torch's
+    stream, and reading it would make the host wait for the step queued there (see `run_graph`)."""
     from nvidia.dali import fn, pipeline_def, types
 
     size = cfg.image_size
@@ -61,15 +64,14 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, seed=seed, exec_dynamic=True)
     def graph():
-        encoded, boxes, flips, labels = fn.external_source(
-            source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT32, types.INT64],
-            no_copy=False)
+        encoded, boxes, flips = fn.external_source(
+            source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT32], no_copy=False)
         images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
         views = []
         for v in range(repeats):  # decoded once, cut k times
             views.append(fn.flip(crop_resize(images, boxes[v], size, interp), horizontal=flips[v]))
         stacked = fn.stack(*views) if repeats > 1 else fn.expand_dims(views[0], axes=[0])
-        return stacked, labels
+        return stacked
 
     return graph()
 
@@ -81,7 +83,8 @@ def eval_size(cfg: AugmentConfig) -> int:
 
 def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig, device_id: int | None,
                num_threads: int = 2, prefetch: int = 2):
-    """A DALI pipeline: (encoded, label) -> (image [S,S,3] uint8, label): resize shorter side, centre crop."""
+    """A DALI pipeline: encoded -> image [S,S,3] uint8: resize shorter side, centre crop (labels: as
+    `train_graph`'s)."""
     from nvidia.dali import fn, pipeline_def, types
 
     size = cfg.image_size
@@ -89,12 +92,11 @@ def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig,
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
-        encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
-                                             dtype=[types.UINT8, types.INT64])
+        encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
         images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
         resized = fn.resize(images, resize_shorter=eval_size(cfg), interp_type=_interp(cfg.eval_interpolation),
                             antialias=True)
-        return fn.crop(resized, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5), labels
+        return fn.crop(resized, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
 
     return graph()
 
@@ -128,8 +130,8 @@ def run_graph(pipe, device_id: int | None) -> tuple:
 
 def to_torch(batch, device: str):
     """A DALI TensorList (CPU or GPU) -> a torch tensor on ``device`` that owns its memory (DALI reuses its
-    buffers). A CPU TensorList (e.g. the labels of a GPU graph, which come from the external source)
-    goes through host memory: DALI's ``feed_ndarray`` would memcpy it into device memory from the host."""
+    buffers). A CPU TensorList (a graph on the CPU) goes through host memory: DALI's ``feed_ndarray``
+    would memcpy it into device memory from the host."""
     import numpy as np
     import torch
     from nvidia.dali.backend import TensorListGPU

@@ -50,6 +50,7 @@ class _Pending:
     step: int
     position: int  # stream position after this batch
     rows: np.ndarray
+    labels: np.ndarray  # int64 [n*k], in the step's view order: from the host, never read back from DALI
     keys: list[str]
     boxes: np.ndarray
     flips: np.ndarray
@@ -149,8 +150,8 @@ class TrainLoader:
         """Loader position at the last batch handed out: put it in the checkpoint with that step."""
         return {"version": STATE_VERSION, **self._state}
 
-    def _feed(self) -> tuple[list, list, list, list]:
-        """DALI's external source: the next step's encoded images, view boxes, flips and labels."""
+    def _feed(self) -> tuple[list, list, list]:
+        """DALI's external source: the next step's encoded images and view boxes and flips."""
         if self._samples is None:
             self._samples = iter(self.stream)
         samples = [next(self._samples) for _ in range(self.images_per_step)]
@@ -158,6 +159,7 @@ class TrainLoader:
         widths, heights = np.array([s.width for s in samples]), np.array([s.height for s in samples])
         image_rows = np.array([s.row for s in samples])
         rows = np.repeat(image_rows, self.repeats)
+        labels = np.repeat(np.array([s.label for s in samples], dtype=np.int64), self.repeats)
         view_ids = None
         if self.data.augment.replay_views:  # k distinct crops of the image's fixed R
             view_ids = np.argsort(rng.random((len(samples), self.data.augment.replay_views)), axis=1)[:, :self.repeats]
@@ -170,28 +172,27 @@ class TrainLoader:
         boxes, flips = views.boxes.reshape(-1, 4), views.flips.reshape(-1)
         order = rng.permutation(len(rows)) if self.repeats > 1 else None  # drawn after the views
         if order is not None:
-            rows, keys, boxes, flips = rows[order], [keys[i] for i in order], boxes[order], flips[order]
+            rows, labels, keys = rows[order], labels[order], [keys[i] for i in order]
+            boxes, flips = boxes[order], flips[order]
             view_ids = None if view_ids is None else view_ids[order]
-        self._pending.append(_Pending(self._next_step, self.stream.position, rows, keys, boxes, flips, order,
-                                      view_ids))
+        self._pending.append(_Pending(self._next_step, self.stream.position, rows, labels, keys, boxes, flips,
+                                      order, view_ids))
         self._next_step += 1
-        return ([np.frombuffer(s.data, dtype=np.uint8) for s in samples], list(views.boxes), list(views.flips),
-                [np.array(s.label, dtype=np.int64) for s in samples])
+        return [np.frombuffer(s.data, dtype=np.uint8) for s in samples], list(views.boxes), list(views.flips)
 
     def __iter__(self) -> Iterator[Batch]:
         self.pipe.build()
         while True:
-            views, labels = run_graph(self.pipe, self._device_id)
+            (views,) = run_graph(self.pipe, self._device_id)
             meta = self._pending.popleft()
             images = to_torch(views, self.device)  # [n, k, S, S, 3]
             n, k, size = images.shape[0], images.shape[1], images.shape[2]
             images = images.reshape(n * k, size, size, 3)
-            labels = to_torch(labels, self.device).reshape(n).repeat_interleave(k)
+            labels = to_device(meta.labels, images.device)
             if meta.order is not None:
                 order = to_device(meta.order, images.device)
                 rows_of = images.view(n * k, -1)  # whole views as rows: a row gather is ~3x faster than 4-D
                 images = rows_of.index_select(0, order).view(n * k, size, size, 3)
-                labels = labels.index_select(0, order)
             boxes, flips = torch.from_numpy(meta.boxes), torch.from_numpy(meta.flips)
             if self.data.augment.crop == "simple":
                 images = reflect_outside(images, boxes, flips)
@@ -243,8 +244,7 @@ class EvalLoader:
     def _feed(self):
         samples = next(self._batches)  # StopIteration ends DALI's pass
         self._current.append(samples)
-        return ([np.frombuffer(s.data, dtype=np.uint8) for s in samples],
-                [np.array(s.label, dtype=np.int64) for s in samples])
+        return [np.frombuffer(s.data, dtype=np.uint8) for s in samples]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """(images uint8 [n,3,S,S], labels [n], keys) per batch, then the pass ends."""
@@ -257,9 +257,10 @@ class EvalLoader:
         self._current.clear()
         while True:
             try:
-                images, labels = run_graph(self.pipe, self._device_id)
+                (images,) = run_graph(self.pipe, self._device_id)
             except StopIteration:
                 return
             samples = self._current.popleft()
             yield (to_torch(images, self.device).permute(0, 3, 1, 2),
-                   to_torch(labels, self.device).reshape(len(samples)), [s.key for s in samples])
+                   to_device(np.array([s.label for s in samples], dtype=np.int64), self.device),
+                   [s.key for s in samples])

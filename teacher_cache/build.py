@@ -134,7 +134,7 @@ def _feed(samples: list[Sample], cfg: CacheBuildConfig) -> Any:
     views = replayed_image_views(cfg.seed, np.array([s.row for s in samples]), np.tile(np.arange(cfg.views), (n, 1)),
                                  np.array([s.width for s in samples]), np.array([s.height for s in samples]),
                                  cfg.augment)
-    return encoded, list(views.boxes), list(views.flips), [np.array(0, dtype=np.int64)] * n
+    return encoded, list(views.boxes), list(views.flips)
 
 
 def _teacher_input(out: Any, feed: Any, teacher: Teacher, cfg: CacheBuildConfig) -> torch.Tensor:

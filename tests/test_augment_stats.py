@@ -209,11 +209,11 @@ def test_simple_crop_through_dali_equals_torchvisions_reflect_padded_crop(flip: 
     flips = np.full(len(positions), flip, np.int32)
 
     def source():
-        return ([np.frombuffer(encoded.getvalue(), np.uint8)], [boxes], [flips], [np.array(0, np.int64)])
+        return [np.frombuffer(encoded.getvalue(), np.uint8)], [boxes], [flips]
 
     pipe = train_graph(source, 1, len(positions), cfg, device_id=None, num_threads=1)
     pipe.build()
-    views, _ = pipe.run()
+    (views,) = pipe.run()
     got = reflect_outside(torch.from_numpy(np.array(views.as_tensor())[0]), torch.from_numpy(boxes),
                           torch.from_numpy(flips))
     padded = TF.pad(picture, pad, padding_mode="reflect")  # what RandomCrop(padding=4, 'reflect') crops from
