@@ -31,11 +31,14 @@ def _interp(name: str):
 
 
 def device_id_of(device) -> int | None:
-    """DALI's ``device_id`` for a torch device (or its name): the GPU's index, None for the CPU."""
+    """DALI's ``device_id`` for a torch device (or its name): the GPU's index, None for the CPU. A bare
+    ``"cuda"`` is torch's current GPU, where the loaders' outputs are allocated, not GPU 0."""
     import torch
 
     device = torch.device(device)
-    return None if device.type == "cpu" else device.index or 0
+    if device.type == "cpu":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _decoder_device(device_id: int | None) -> str:

@@ -294,6 +294,16 @@ def test_graphs_on_a_gpu_hand_their_outputs_over_on_torchs_stream(monkeypatch: p
     assert asked == [(), (streams[1],)]
 
 
+def test_a_bare_cuda_device_is_torchs_current_gpu_for_dali(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaders allocate their outputs on ``device``; DALI must run on that same GPU: for a bare "cuda",
+    torch's current one (a worker that set another), not GPU 0."""
+    from pipeline.dali_graph import device_id_of
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert device_id_of("cpu") is None and device_id_of(torch.device("cpu")) is None
+    assert device_id_of("cuda") == 3 and device_id_of("cuda:1") == 1 and device_id_of(torch.device("cuda", 0)) == 0
+
+
 def test_every_loader_and_the_cache_build_run_their_graphs_through_run_graph(
         shards: ShardSet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loaders and the cache build's graph run DALI through `run_graph` with their graph's device (on a
