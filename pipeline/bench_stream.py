@@ -39,6 +39,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+WARMUP_BATCHES = 3  # untimed, before each loader's timed views
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -56,8 +59,9 @@ def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: 
     batch_aug = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
     step = batch_aug if augment else (lambda views, labels, rng: (views, labels))
     batches = iter(loader)
-    first = next(batches)  # warm-up: build, first reads
-    step(first.views, first.labels, first.rng)
+    for _ in range(WARMUP_BATCHES):  # build, first reads, nvJPEG's and the resizes' buffers grown to size
+        first = next(batches)
+        step(first.views, first.labels, first.rng)
     _sync(device)
     start = time.perf_counter()
     done = 0
