@@ -151,18 +151,43 @@ def check_replay(url: str, stored: dict[str, Any] | None, augment: AugmentConfig
                         f"with {name}={wanted.get(field)!r}: set it to the cache's value, or rebuild the cache")
 
 
+# parsed parts a TeacherCache keeps (per process): ImageNet's whole cache at a 7x7 map, top-10, is ~2.6 GB
+MEMORY_BUDGET = 4 << 30
+
+
 @dataclass
 class _Part:
     indices: np.ndarray
     values: np.ndarray
     floor: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return self.indices.nbytes + self.values.nbytes + self.floor.nbytes
+
+
+def _fixed_width(table: pa.Table, name: str, dtype: type) -> np.ndarray:
+    """Binary column ``name``, whose values all have one length, as one flat array over Arrow's own buffer
+    (no Python bytes object per row, no join)."""
+    values = table.column(name).combine_chunks()
+    if len(values) == 0:
+        return np.empty(0, dtype)
+    if values.null_count:
+        raise CacheMismatch(f"a teacher cache part has {values.null_count} empty {name!r} values: "
+                            f"rebuild the cache")
+    offsets = np.frombuffer(values.buffers()[1], np.int32, count=len(values) + 1, offset=4 * values.offset)
+    start, end = int(offsets[0]), int(offsets[-1])
+    return np.frombuffer(values.buffers()[2], dtype, count=(end - start) // np.dtype(dtype).itemsize, offset=start)
+
 
 class TeacherCache:
-    """Cached teacher logits for training views: ``logits(rows, boxes)`` -> [B, C] on any device."""
+    """Cached teacher logits for training views: ``logits(rows, boxes)`` -> [B, C] on any device. Each part
+    (one shard's logits) is read once and kept while the parts kept fit ``max_bytes_in_memory``; past it
+    the least recently used go (a budget smaller than the parts a step's batch spans re-reads parts at
+    every step, which ``parts_read`` shows and a warning says)."""
 
     def __init__(self, location: Location, shards: ShardSet, teacher: dict[str, Any] | None = None,
-                 max_parts_in_memory: int = 16, augment: AugmentConfig | None = None):
+                 max_bytes_in_memory: int = MEMORY_BUDGET, augment: AugmentConfig | None = None):
         """``augment``: the run's augmentation, whose replay settings must be the cache's (None: unchecked)."""
         info = read_info(location)
         if info is None:
@@ -177,7 +202,10 @@ class TeacherCache:
         self.cells = self.views["count"] if self.views else self.height * self.width
         self.classes = info["teacher"]["num_classes"]
         self._parts: OrderedDict[int, _Part] = OrderedDict()
-        self._max_parts = max_parts_in_memory
+        self._budget = max_bytes_in_memory
+        self._bytes = 0  # of the parts kept
+        self.parts_read = 0  # part files read and parsed (a part dropped and needed again counts again)
+        self._dropped = False
 
     def _part(self, shard: int) -> _Part:
         if shard in self._parts:
@@ -188,12 +216,20 @@ class TeacherCache:
             table = pq.read_table(handle)
         cells = self.cells
         n = table.num_rows
-        join = lambda name, dtype: np.frombuffer(b"".join(table.column(name).to_pylist()), dtype=dtype)  # noqa: E731
-        part = _Part(join("indices", np.int16).reshape(n, cells, self.k),
-                     join("values", np.float16).reshape(n, cells, self.k), join("floor", np.float16).reshape(n, cells))
+        part = _Part(_fixed_width(table, "indices", np.int16).reshape(n, cells, self.k),
+                     _fixed_width(table, "values", np.float16).reshape(n, cells, self.k),
+                     _fixed_width(table, "floor", np.float16).reshape(n, cells))
+        self.parts_read += 1
         self._parts[shard] = part
-        if len(self._parts) > self._max_parts:
-            self._parts.popitem(last=False)
+        self._bytes += part.nbytes
+        while self._bytes > self._budget and len(self._parts) > 1:
+            _, dropped = self._parts.popitem(last=False)
+            self._bytes -= dropped.nbytes
+            if not self._dropped:
+                self._dropped = True
+                log.warning("teacher cache %s: its parts outgrow max_bytes_in_memory=%d, so parts are read again "
+                            "when needed again (slow if a step's batch spans more of them than fit)",
+                            self.location.url, self._budget)
         return part
 
     def logits(self, rows: np.ndarray, boxes: torch.Tensor, device: str | torch.device = "cpu",

@@ -272,3 +272,26 @@ def test_one_decoding_graph_serves_every_shard_of_a_worker(digits) -> None:
         next(broken)
     keys, maps, _ = encode_shard(shards, order[1], teacher, cfg, shared)  # after a pass cut short: a new graph
     assert shared.builds == 2 and np.array_equal(maps.indices, encode_shard(shards, order[1], teacher, cfg)[1].indices)
+
+
+def test_parts_are_read_once_while_they_fit_and_again_past_the_memory_budget(digits, tmp_path: Path) -> None:
+    """A step's batch spans many shards (the stream reads several at once and shuffles them together): a
+    cache that kept fewer parts than that re-read every part at every step. Within the budget each part is
+    read once; past it (here: room for one) parts are read again, with the same logits."""
+    shards, weights = digits
+    out = Location(str(tmp_path / "cache"))
+    build_cache(CacheBuildConfig(shards=shards.location, out=out, topk=4, workers=0,
+                                 teacher=TeacherSpec("resnet10t", weights, 10, 32)))
+    parts = len(shards.shard_names)
+    assert parts >= 3
+    rows = np.random.default_rng(0).permutation(len(shards))[:64]  # a shuffled batch over every shard
+    spanned = len(np.unique(shards.shards[rows]))
+    assert spanned == parts
+    boxes = torch.rand(len(rows), 2).mul(0.5).repeat(1, 2) + torch.tensor([0.0, 0.0, 0.5, 0.5])
+    roomy = TeacherCache(out, shards)
+    first = roomy.logits(rows, boxes)
+    assert torch.equal(roomy.logits(rows[::-1].copy(), boxes.flip(0)), first.flip(0))
+    assert roomy.parts_read == parts, "every part once, whatever the order of the steps"
+    tight = TeacherCache(out, shards, max_bytes_in_memory=1)
+    assert torch.equal(tight.logits(rows, boxes), first) and torch.equal(tight.logits(rows, boxes), first)
+    assert tight.parts_read == 2 * parts

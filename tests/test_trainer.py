@@ -435,6 +435,8 @@ def test_distillation_from_the_teacher_cache(tmp_path: Path, digits: str, teache
     summary = result.return_value
     assert summary["step"] == 400 // 64 and summary["history"]
     assert all(h["loss_distill"] > 0 and h["loss"] == h["loss"] for h in summary["history"])
+    parts = len(list(Path(cache).glob("train-*.parquet")))  # each read once by a worker, whatever the steps
+    assert 0 < summary["history"][-1]["teacher_cache/parts_read"] <= parts
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 for k, v in torch.load(teacher_file, weights_only=True).items()}, other)
     with pytest.raises(CacheMismatch, match="weights_sha256"):

@@ -105,7 +105,7 @@ def test_the_teacher_caches_lookup_never_waits_for_the_gpu(fake_cuda: FakeTensor
     cache = TeacherCache.__new__(TeacherCache)  # one part in memory, as after its first read
     cache.height = cache.width = 1 if replay else 7
     cache.views, cache.cells = {"count": cells} if replay else None, cells
-    cache.k, cache.classes, cache._max_parts = k, 1000, 16
+    cache.k, cache.classes, cache._budget = k, 1000, 1 << 30
     cache.shards = SimpleNamespace(shards=np.zeros(rows, np.int64), shard_starts=np.zeros(1, np.int64))
     cache._parts = OrderedDict({0: _Part(np.zeros((rows, cells, k), np.int16), np.zeros((rows, cells, k), np.float16),
                                          np.zeros((rows, cells), np.float16))})
