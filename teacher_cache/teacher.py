@@ -68,6 +68,22 @@ def ready_for_inference(model: nn.Module, device: torch.device, channels_last: b
     return model.to(device).eval().requires_grad_(False)
 
 
+class Fp32Head(nn.Module):
+    """A timm classifier whose body runs under the caller's autocast (bf16 on a GPU) and whose head (pooling
+    and classifier, a few MFLOPs against the body's GFLOPs) in fp32: logits rounded to bf16 (8 significant
+    bits) flip or tie the argmax of close classes, the hard label of hard distillation, and a cache's
+    maps come from an fp32 head (`Teacher.logit_map`), so the online teacher's must too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model.forward_head(features.float())
+
+
 def expected_identity(spec: TeacherSpec) -> dict[str, Any]:
     """The `Teacher.identity` a cache built from ``spec`` carries, without loading the model (weights are
     hashed, as `load_pretrained` reports them)."""
@@ -97,9 +113,9 @@ class Teacher:
         self.model = ready_for_inference(self.model, self.device)
         # what logits() and logit_map() call: compiled once each when asked (a batch of another size, a
         # shard's last one, recompiles once with a dynamic batch dimension, then serves every size)
-        self._forward, self._features = self.model, self.model.forward_features
+        self._forward, self._features = Fp32Head(self.model), self.model.forward_features
         if compile:
-            self._forward = torch.compile(self.model, backend=compile)
+            self._forward = torch.compile(self._forward, backend=compile)
             self._features = torch.compile(self.model.forward_features, backend=compile)
 
     @property

@@ -295,3 +295,22 @@ def test_parts_are_read_once_while_they_fit_and_again_past_the_memory_budget(dig
     tight = TeacherCache(out, shards, max_bytes_in_memory=1)
     assert torch.equal(tight.logits(rows, boxes), first) and torch.equal(tight.logits(rows, boxes), first)
     assert tight.parts_read == 2 * parts
+
+
+def test_the_online_teachers_head_runs_in_fp32_under_autocast() -> None:
+    """Under bf16 autocast (the trainer's step on a GPU; the CPU's autocast here) the body runs in bf16 and
+    the head in fp32: fp32 logits, those of timm's head on the bf16 features, and no further from the
+    all-fp32 teacher than timm's all-autocast forward, whose logits are rounded to bf16."""
+    from teacher_cache.teacher import Fp32Head
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=1000).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, ours, features = model(x), Fp32Head(model)(x), model.forward_features(x)
+        expected = model.forward_head(features.float())
+    assert plain.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    assert torch.equal(ours, expected)
+    assert (ours - reference).abs().max() < (plain.float() - reference).abs().max()

@@ -39,7 +39,7 @@ class TeacherActor:
 
     def __init__(self, teacher: dict[str, Any], channels_last: bool, bf16: bool,
                  compile_backend: str | None = None) -> None:
-        from teacher_cache.teacher import ready_for_inference
+        from teacher_cache.teacher import Fp32Head, ready_for_inference
         from trainer.checkpoint import load_pretrained
         from trainer.config import ModelConfig
 
@@ -48,7 +48,7 @@ class TeacherActor:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         model = config.build()
         self.sha256 = load_pretrained(model, config.pretrained_path)["sha256"] if config.pretrained_path else ""
-        self.model = ready_for_inference(model, self.device, channels_last)
+        self.model = Fp32Head(ready_for_inference(model, self.device, channels_last))
         if compile_backend:  # distill.compile_teacher
             self.model = torch.compile(self.model, backend=compile_backend)
         self.bf16 = bf16 and self.device.type == "cuda"

@@ -45,7 +45,7 @@ from pipeline.stream import ShardSet
 from pipeline.views import batch_rng
 from teacher_cache.cache import TeacherCache
 from teacher_cache.maps import mixed
-from teacher_cache.teacher import TeacherSpec, expected_identity, ready_for_inference
+from teacher_cache.teacher import Fp32Head, TeacherSpec, expected_identity, ready_for_inference
 from trainer.background import Background, snapshot
 from trainer.checkpoint import (
     CheckpointError,
@@ -828,7 +828,7 @@ def build_teacher(config: TrainConfig, device: torch.device, shards: ShardSet | 
     else:
         log.warning("distill.teacher.pretrained_path is not set: the teacher has random weights")
         identity["teacher.weights"] = "random"
-    teacher = ready_for_inference(teacher, device, config.runtime.channels_last)
+    teacher = Fp32Head(ready_for_inference(teacher, device, config.runtime.channels_last))
     if d.compile_teacher:
         teacher = torch.compile(teacher, backend=config.runtime.compile_backend)
     return OnlineTeacher(teacher), identity
