@@ -54,7 +54,7 @@ class _Pending:
     keys: list[str]
     boxes: np.ndarray
     flips: np.ndarray
-    order: np.ndarray | None  # the step's view order (repeats > 1), applied to views and labels after DALI
+    order: np.ndarray | None  # the step's view order (repeats > 1): rows, labels, boxes here; views after DALI
     view_ids: np.ndarray | None
 
 

@@ -18,7 +18,7 @@ set -euo pipefail
 started=$(date +%s)  # --max-seconds counts from here: unpacking DALI and the imports come out of it too
 cd "$(dirname "$0")/.."
 last=${1:-}
-shift || true
+case "$last" in -*) last= ;; *) shift || true ;; esac  # no parts folder given: the options start at once
 tmp=${GPU_BENCH_TMP:-/tmp}  # where the calls left the parts (parts/, s3w/) and where the installs go
 out=${OUT:-/tmp/bench-gpu-out}
 mkdir -p "$tmp/parts" "$out"
@@ -37,7 +37,7 @@ if ! python3 -c "import nvidia.dali" 2>/dev/null && [ ! -d "$tmp/site/nvidia/dal
   # shellcheck disable=SC2086
   if [ -z "$parts" ] || ! { cat $parts | tar xf - -C "$tmp/w" \
        && python3 -m pip install -q --no-index --no-deps --target "$tmp/site" "$tmp"/w/*.whl; }; then
-    rm -rf "$tmp/site/nvidia/dali"  # half installed is not installed: the next call tries again
+    rm -rf "$tmp/site"  # half installed is not installed: the next call tries again (pip --target skips what exists)
     say "installing DALI from the parts in $tmp/parts failed (were all of them carried?): the DALI rows will fail"
   fi
 fi

@@ -170,6 +170,8 @@ def _fixed_width(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     """Binary column ``name``, whose values all have one length, as one flat array over Arrow's own buffer
     (no Python bytes object per row, no join)."""
     values = table.column(name).combine_chunks()
+    if not pa.types.is_binary(values.type):  # int32 offsets below; large_binary (int64) or another type
+        values = values.cast(pa.binary())
     if len(values) == 0:
         return np.empty(0, dtype)
     if values.null_count:

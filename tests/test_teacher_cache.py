@@ -314,3 +314,19 @@ def test_the_online_teachers_head_runs_in_fp32_under_autocast() -> None:
     assert plain.dtype == torch.bfloat16 and ours.dtype == torch.float32
     assert torch.equal(ours, expected)
     assert (ours - reference).abs().max() < (plain.float() - reference).abs().max()
+
+
+def test_fixed_width_columns_read_whole_sliced_chunked_and_large_binary() -> None:
+    """A part's binary columns straight from Arrow's buffers: the same values as joining the rows' bytes."""
+    import pyarrow as pa
+
+    from teacher_cache.cache import _fixed_width
+
+    rows = [np.arange(i, i + 6, dtype=np.int16).tobytes() for i in range(10)]
+    chunked = pa.Table.from_batches([pa.record_batch([pa.array(rows[:4], pa.binary())], names=["x"]),
+                                     pa.record_batch([pa.array(rows[4:], pa.binary())], names=["x"])])
+    cases = {"chunked": (chunked, rows), "sliced": (chunked.slice(3, 5), rows[3:8]),
+             "large_binary": (pa.table({"x": pa.array(rows, pa.large_binary())}), rows),
+             "empty": (chunked.slice(0, 0), [])}
+    for case, (table, expected) in cases.items():
+        assert np.array_equal(_fixed_width(table, "x", np.int16), np.frombuffer(b"".join(expected), np.int16)), case

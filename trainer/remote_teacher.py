@@ -125,8 +125,8 @@ class RemoteTeacher:
         side.wait_stream(torch.cuda.current_stream(x.device))  # after the kernels that made the batch
         with torch.cuda.stream(side):
             staged = x.to(self.transport)
-            # the batch's own strides (channels_last): a plain memcpy, and the actor's layout as it is
-            host = torch.empty_strided(staged.shape, staged.stride(), dtype=staged.dtype, pin_memory=True)
+            # the batch's own strides where dense (channels_last): a plain memcpy, the actor's layout as it is
+            host = torch.empty_like(staged, device="cpu", pin_memory=True)
             host.copy_(staged, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(side)

@@ -504,7 +504,7 @@ def _log(p: Parts, terms: LossTerms, timing: dict[str, float]) -> None:
         "epoch": p.step / p.loader.steps_per_epoch,
         **{f"loader/{k}": float(v) for k, v in zip(LOADER_METRICS, values[4:].tolist(), strict=True)},
     }
-    if isinstance(p.teacher, CachedTeacher):  # rank 0's: a count that climbs every step means thrashing parts
+    if isinstance(p.teacher, CachedTeacher):  # this rank's (the tracker logs rank 0's): climbing every step = thrashing
         metrics["teacher_cache/parts_read"] = float(p.teacher.cache.parts_read)
     if p.device.type == "cuda":  # rank 0's GPU: what is held now, and the high-water mark of the interval
         metrics["gpu_mem_gib"] = torch.cuda.memory_allocated(p.device) / 2**30
