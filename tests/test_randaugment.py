@@ -213,6 +213,34 @@ def test_geometric_grid_sample_close_to_timm(name: str, images: np.ndarray, monk
             assert np.quantile(err, 0.99) <= 8, (name, magnitude, negate)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("name", ["ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_one_axis_pass_equals_grid_sample(name: str, interpolation: str, layout: str, images: np.ndarray):
+    """geometry='grid_sample' runs the one-axis maps as a 1-D pass of 4 taps with per-row weights: the
+    result is F.grid_sample's with the full 2-D map (here `_warp_grid_sample`) but for its float32 grid's
+    rounding (a level of 1 on a few pixels in 10^4), and the fill lands on the same pixels."""
+    from pipeline import randaugment as ra
+
+    aug = RandAugment(interpolation=interpolation, fill=(7, 200, 33))
+    batch = to_batch(np.concatenate([images, images[:, ::-1]]))  # the flipped half: other edges, other rows
+    if layout == "nchw":
+        batch = batch.contiguous()
+    fill = torch.tensor(aug.fill, dtype=torch.uint8)
+    rng = np.random.default_rng(9)
+    n = len(batch)
+    params = RandAugmentParams(op=np.full((n, 1), INCREASING_OPS.index(name)), applied=np.ones((n, 1), dtype=bool),
+                               magnitude=rng.uniform(0, 10, (n, 1)), negate=rng.random((n, 1)) < 0.5)
+    ours = aug.apply(batch, params)
+    mats = torch.from_numpy(aug.level_args(params, H, W)[:, 0])
+    ref = ra._warp_grid_sample(batch, mats, fill, interpolation)
+    err = abs_err(to_nhwc(ours), to_nhwc(ref))
+    assert err.max() <= 1 and (err > 0).mean() < 1e-3, (err.max(), (err > 0).mean())
+    marked = (to_nhwc(ref) == np.array(aug.fill, dtype=np.uint8)).all(-1)  # fill, or content of that colour
+    assert (to_nhwc(ours)[marked] == np.array(aug.fill, dtype=np.uint8)).all()
+    assert marked.mean() > 0.05  # the maps shift enough content out for the mask to matter
+
+
 def marker_image(y: int, x: int) -> np.ndarray:
     img = np.full((H, W, 3), 20, dtype=np.uint8)
     img[y - 1:y + 2, x - 1:x + 2] = 255
