@@ -631,7 +631,8 @@ def _warp_1d_grid_sample(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor
         value.addcmul_(tap[t], weights[t])
     value = value.add_(1e-3).clamp_(0, 255)  # as `_warp_grid_sample`
     fill_value = fill.to(torch.float32).view(1, c, 1, 1)
-    return torch.where(valid.unsqueeze(1), value, fill_value).to(torch.uint8)  # the cast truncates
+    # in x's memory format: the cast (which truncates) and the change of layout in one copy
+    return torch.empty_like(x).copy_(torch.where(valid.unsqueeze(1), value, fill_value))
 
 
 # --------------------------------------------------------------------------------------------------------
