@@ -193,7 +193,13 @@ def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, re
 
 
 def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 48, workers: int | None = None,
-                 views: int = 960, size: int = 224) -> str:
+                 views: int = 960, size: int = 224, rounds: int = 3) -> str:
+    """The table. The three full-augmentation loaders run in turn ``rounds`` times (dali, dali x3, timm+PIL,
+    dali, ...): each rate is the median over the rounds and each ratio the median of the ratios within a
+    round, so a machine that slows down or speeds up between loaders (a shared host) moves them less; the
+    last column is the range of the per-round ratios. The crop-only and resize rows run once."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: at least one round")
     workers = workers or os.cpu_count() or 1
     device = _device()
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
@@ -207,21 +213,30 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
                                      shard_bytes=max(1 << 16, min(8 << 20, total // (2 * workers))),
                                      workers=workers))
         shards = ShardSet.open(Location(shards_url), "train")
+        peer_name = "timm+PIL DataLoader"
+        rates: dict[str, list[float]] = {"dali": [], "dali x3": [], peer_name: []}
+        bytes_read = {peer_name: float(shards.sizes.mean())}  # per view
+        for _ in range(rounds):
+            for name, repeats in (("dali", 1), ("dali x3", 3)):
+                rate, bytes_read[name] = bench_dali(shards, batch, repeats, workers, views, device, size)
+                rates[name].append(rate)
+            rates[peer_name].append(bench_timm_pil(shards, batch, workers, views, device, size))
         rows = []
-        for name, repeats in (("dali", 1), ("dali x3", 3)):
-            rate, per_view = bench_dali(shards, batch, repeats, workers, views, device, size)
-            rows.append((name, rate, per_view))
-        peer = bench_timm_pil(shards, batch, workers, views, device, size)
-        rows.append(("timm+PIL DataLoader", peer, float(shards.sizes.mean())))
+        for name, measured in rates.items():
+            ratios = np.array(measured) / np.array(rates[peer_name])  # within each round
+            rows.append((name, float(np.median(measured)), bytes_read[name], float(np.median(ratios)),
+                         f"{ratios.min():.2f}-{ratios.max():.2f}"))
         # decode + crop alone, the same two ways: where the time goes before any augmentation
         crop_rate, crop_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False)
         peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
         dali_resize, pil_resize = bench_resize(shards, workers, size)
     lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
-             f"{size}px, batch {batch}, {workers} workers, device {device}",
-             f"{'loader (full DeiT augmentation)':<34}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"]
-    for name, rate, per_view in rows:
-        lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / peer:>13.2f}")
+             f"{size}px, batch {batch}, {workers} workers, device {device}, {rounds} rounds (the loaders in turn; "
+             f"medians over rounds)",
+             f"{'loader (full DeiT augmentation)':<34}{'views/s':>10}{'KB read/view':>14}{'vs timm+PIL':>13}"
+             f"{'per round':>12}"]
+    for name, rate, bytes_per_view, ratio, spread in rows:
+        lines.append(f"{name:<34}{rate:>10.0f}{bytes_per_view / 1e3:>14.1f}{ratio:>13.2f}{spread:>12}")
     lines.append(f"{'decode + random resized crop only':<34}{'views/s':>10}{'':>14}{'vs timm+PIL':>13}")
     for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
                                        ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch", type=int, default=48, help="views per batch (a multiple of 3)")
     bs.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reader threads / DALI threads / "
                     "DataLoader processes, the same for every loader")
-    bs.add_argument("--views", type=int, default=960, help="views to time per loader")
+    bs.add_argument("--views", type=int, default=960, help="views to time per loader and round")
+    bs.add_argument("--rounds", type=int, default=3, help="the three full-augmentation loaders run in turn this "
+                    "many times; rates and ratios are medians over the rounds (a busy machine drifts)")
     bs.add_argument("--size", type=int, default=224)
 
     d = sub.add_parser("demo-tree", help="write scikit-learn's digits as an ImageNet-style JPEG tree")
@@ -138,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.bench_stream import bench_stream
 
         print(bench_stream(shards_url=args.shards, images=args.images, batch=args.batch, workers=args.workers,
-                           views=args.views, size=args.size))
+                           views=args.views, size=args.size, rounds=args.rounds))
         return 0
     if args.command == "demo-tree":
         from pipeline.demo import write_digits_tree
