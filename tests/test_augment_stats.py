@@ -129,8 +129,9 @@ def test_normalize_uses_imagenet_mean_and_std() -> None:
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_fast_batch_steps_equal_the_formulas_bit_for_bit(layout: str) -> None:
-    """normalize, random erasing and Mixup/CutMix take faster paths (row-wise broadcasts, in-place work,
-    one slice per erased box on a CPU): each must equal the plain formula exactly, in either layout."""
+    """normalize, random erasing and Mixup/CutMix take faster paths (row-wise broadcasts, in-place work, a
+    few images per pass and one slice per erased box on a CPU): each must equal the plain formula exactly,
+    in either layout (6 images: a pass of 4 and one of 2)."""
     cfg = AugmentConfig()
     nhwc = torch.randint(0, 256, (6, 40, 48, 3), dtype=torch.uint8)
     views = nhwc.permute(0, 3, 1, 2) if layout == "channels_last" else nhwc.permute(0, 3, 1, 2).contiguous()
@@ -155,6 +156,10 @@ def test_fast_batch_steps_equal_the_formulas_bit_for_bit(layout: str) -> None:
         expected = mix_formula(x, params)
         assert torch.equal(pure, expected) and torch.equal(inplace, expected)
         assert inplace.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    odd = x[:5].clone(memory_format=torch.preserve_format)  # in place on a CPU: pair by pair
+    expected = mix_formula(odd, MixParams(0.3, None))
+    mixed, _ = mix(odd, labels[:5], MixParams(0.3, None), 10, 0.1, inplace=True)
+    assert torch.equal(mixed, expected), "an odd batch's middle image mixes with itself"
 
 
 def test_simple_random_crop_positions_are_torchvisions_over_the_padded_image() -> None:
