@@ -228,6 +228,7 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
                          f"{ratios.min():.2f}-{ratios.max():.2f}"))
         # decode + crop alone, the same two ways: where the time goes before any augmentation
         crop_rate, crop_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False)
+        crop3_rate, crop3_view = bench_dali(shards, batch, 3, workers, views, device, size, augment=False)
         peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
         dali_resize, pil_resize = bench_resize(shards, workers, size)
     lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
@@ -239,6 +240,7 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
         lines.append(f"{name:<34}{rate:>10.0f}{bytes_per_view / 1e3:>14.1f}{ratio:>13.2f}{spread:>12}")
     lines.append(f"{'decode + random resized crop only':<34}{'views/s':>10}{'':>14}{'vs timm+PIL':>13}")
     for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
+                                       ("dali x3, crop only", crop3_rate, crop3_view, peer_crop),
                                        ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):
         lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / base:>13.2f}")
     lines.append(f"{'resize alone (decoded, same boxes)':<34}{'views/s':>10}{'':>14}{'vs PIL':>13}")

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reader threads / DALI threads / "
                     "DataLoader processes, the same for every loader")
     bs.add_argument("--views", type=int, default=960, help="views to time per loader and round")
-    bs.add_argument("--rounds", type=int, default=3, help="the three full-augmentation loaders run in turn this "
+    bs.add_argument("--rounds", type=int, default=5, help="the three full-augmentation loaders run in turn this "
                     "many times; rates and ratios are medians over the rounds (a busy machine drifts)")
     bs.add_argument("--size", type=int, default=224)
 

@@ -15,15 +15,17 @@ def test_bench_stream_prints_the_three_loaders_with_bytes_per_view() -> None:
     from pipeline.bench_stream import bench_stream
 
     table = bench_stream(images=24, batch=8, workers=1, views=24, size=64, rounds=2)
-    names = r"dali x3|dali|timm\+PIL DataLoader|dali, crop only|timm\+PIL, crop only"
+    names = r"dali x3|dali|timm\+PIL DataLoader|dali, crop only|dali x3, crop only|timm\+PIL, crop only"
     rows = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4)))
             for m in re.finditer(rf"^({names})\s+(\d+)\s+([\d.]+)\s+([\d.]+)(?:\s+[\d.]+-[\d.]+)?$", table, re.M)}
-    assert set(rows) == {"dali", "dali x3", "timm+PIL DataLoader", "dali, crop only", "timm+PIL, crop only"}, table
+    assert set(rows) == {"dali", "dali x3", "timm+PIL DataLoader", "dali, crop only", "dali x3, crop only",
+                         "timm+PIL, crop only"}, table
     assert rows["timm+PIL, crop only"][2] == 1.0, "the crop-only rows are a ratio to the peers' crop-only"
     assert all(rate > 0 for rate, _, _ in rows.values())
     assert rows["timm+PIL DataLoader"][2] == 1.0
     one, three, peer = rows["dali"][1], rows["dali x3"][1], rows["timm+PIL DataLoader"][1]
     assert three < 0.45 * peer and three < 0.45 * one, "x3 decodes once for 3 views: a third of the bytes"
+    assert rows["dali x3, crop only"][1] < 0.45 * rows["dali, crop only"][1], "the crop-only x3 row reads once too"
     assert "24 images" in table and "2 rounds" in table
     spreads = {name: tuple(map(float, spread)) for name, *spread in
                re.findall(rf"^({names})\s+\d+\s+[\d.]+\s+[\d.]+\s+([\d.]+)-([\d.]+)$", table, re.M)}
