@@ -193,7 +193,7 @@ def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, re
 
 
 def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 48, workers: int | None = None,
-                 views: int = 960, size: int = 224, rounds: int = 3) -> str:
+                 views: int = 960, size: int = 224, rounds: int = 5) -> str:
     """The table. The three full-augmentation loaders run in turn ``rounds`` times (dali, dali x3, timm+PIL,
     dali, ...): each rate is the median over the rounds and each ratio the median of the ratios within a
     round, so a machine that slows down or speeds up between loaders (a shared host) moves them less; the
