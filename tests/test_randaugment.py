@@ -534,3 +534,34 @@ def test_dali_stock_baseline_augments_the_views_it_times():
     assert sum(changed) >= 12
     assert not np.array_equal(first, second)
     assert stock_rand_augment_rate(views, device_id=None, threads=1, repeats=1) > 0
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided crop"])
+def test_cpu_forms_equal_the_gpu_forms(layout: str):
+    """The CPU's faster forms of three steps give what the GPU's forms give (here run on the CPU's tensors):
+    the truncating cast (numpy's vs torch's), the select (bitwise vs ``torch.where``) and PIL's luma (a
+    matrix product vs elementwise; both equal the integer formula, extremes included); each keeps the
+    input's memory layout."""
+    from pipeline import randaugment as ra
+
+    rng = np.random.default_rng(11)
+    nhwc = rng.integers(0, 256, (5, H, W, 3), dtype=np.uint8)
+    nhwc[0] = 255  # the largest luma sum: 255 * 65536 + 0x8000, still below 2^24
+    nhwc[1] = 0
+    batch = to_batch(nhwc)
+    if layout == "nchw":
+        batch = batch.contiguous()
+    elif layout == "strided crop":
+        batch = batch[:, :, 2:-3, 1:-4]
+    values = (batch.to(torch.float32) * 1.37 - 40).clamp_(0, 255)  # fractions everywhere, in batch's layout
+    cast = ra._to_uint8(values)
+    assert torch.equal(cast, values.to(torch.uint8)) and cast.stride() == values.to(torch.uint8).stride()
+    mask = torch.from_numpy(rng.random((5, 1) + tuple(batch.shape[2:])) < 0.4)
+    fill = torch.tensor([7, 200, 33], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.equal(ra._select(mask, batch, fill), torch.where(mask, batch, fill))
+    rgb = batch.permute(0, 2, 3, 1).to(torch.int64)
+    exact = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    for matmul in (True, False):
+        luma = ra._luma(batch, matmul=matmul)
+        assert luma.shape == (5, 1) + tuple(batch.shape[2:]) and torch.equal(luma[:, 0].to(torch.int64), exact)
+    assert int(exact[0].max()) == 255 and int(exact[1].max()) == 0
