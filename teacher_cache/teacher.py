@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +36,11 @@ class TeacherSpec:
             close = difflib.get_close_matches(self.name, timm.list_models(), n=5, cutoff=0.6)
             raise TeacherError(f"teacher {self.name!r} is not a timm model name"
                                + (f" (close: {', '.join(close)})" if close else " (e.g. regnety_160, resnet50)"))
-        if self.weights and "://" not in self.weights:
-            if not os.path.exists(self.weights):
-                raise TeacherError(f"teacher weights {self.weights}: no such file or folder")
-            from trainer.checkpoint import check_fits
+        from trainer.checkpoint import check_local_weights
 
-            _fitted(self, check_fits(self.build, self.weights))
+        loaded = check_local_weights(self.build, self.weights, f"teacher weights {self.weights}", TeacherError)
+        if loaded is not None:
+            _fitted(self, loaded)
 
     def build(self) -> nn.Module:
         """The timm model, untrained (no weights are downloaded)."""

@@ -136,3 +136,5 @@ def test_bad_real_labels_are_refused_before_training(sets: dict[str, str], tmp_p
     config = _config(sets)
     with pytest.raises(DatasetError, match="entry 3"):  # the driver refuses it before Ray starts
         preflight(replace(config, data=replace(config.data, real_labels=str(tmp_path / "range.json"))))
+    with pytest.raises(DatasetError, match=r"model\.pretrained_path=\S*nope\.pth: no such file or folder"):
+        preflight(replace(config, model=replace(config.model, pretrained_path=str(tmp_path / "nope.pth"))))

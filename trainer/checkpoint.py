@@ -509,6 +509,18 @@ def check_fits(build: Callable[[], torch.nn.Module], path: str) -> dict[str, Any
         return load_pretrained(model, path)
 
 
+def check_local_weights(build: Callable[[], torch.nn.Module], path: str | None, name: str,
+                        error: type[Exception]) -> dict[str, Any] | None:
+    """The driver's check of weights the workers will load: for a local ``path``, ``error("<name>: no such
+    file or folder")`` when it is not there, else `check_fits`'s report; None for no path or a URL (read
+    where it is used)."""
+    if not path or "://" in path:
+        return None
+    if not os.path.exists(path):
+        raise error(f"{name}: no such file or folder")
+    return check_fits(build, path)
+
+
 def load_pretrained(model: torch.nn.Module, path: str, prefer_ema: bool = False) -> dict[str, Any]:
     """Load weights from ``path`` into ``model`` (in place) for fine-tuning or as a teacher.
 

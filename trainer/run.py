@@ -136,12 +136,10 @@ def preflight(config: TrainConfig) -> None:
                                      config.distill.teacher)):
         if config.distill.kind == "none" and field_name.startswith("distill."):
             continue
-        if path and "://" not in path:
-            if not os.path.exists(path):
-                raise DatasetError(f"{field_name}={path}: no such file or folder")
-            from trainer.checkpoint import check_fits
+        from trainer.checkpoint import check_local_weights
 
-            check_fits(model.build, path)  # weights of another architecture: refused here, not in each worker
+        # weights of another architecture: refused here, not in each worker
+        check_local_weights(model.build, path, f"{field_name}={path}", DatasetError)
     if config.data.real_labels:
         from trainer.real_labels import load_real_labels
 
