@@ -68,6 +68,7 @@ __all__ = [
     "RandAugmentParams",
     "RandAugmentSpec",
     "bench",
+    "bench_ops",
     "parse_spec",
 ]
 
@@ -929,3 +930,72 @@ def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, 
             + (f" ({crashed} images raised in timm)" if crashed else ""))
     print(line)
     return line
+
+
+def _timm_or_black(transform, picture):
+    """timm's transform, or None where a recent Pillow raises (PosterizeIncreasing at magnitude >= 10)."""
+    try:
+        return transform(picture)
+    except ValueError:
+        return None
+
+
+def bench_ops(n: int = 32, size: int = 224, magnitude: float = 9.0, repeats: int = 4, seed: int = 0,
+              spec: str = "rand-m9-mstd0.5-inc1") -> str:
+    """Each op of ``spec``'s op set alone, at ``magnitude``, on the CPU with one torch thread (as the loader's
+    batch stage and a Ray worker run it) against timm's op on the same PIL images, then the whole policy
+    against timm's transform: a table of microseconds per image (best of ``repeats``); prints and returns
+    it. ``python -c "from pipeline.randaugment import bench_ops; bench_ops()"``."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp, rand_augment_transform
+
+    from pipeline.synthetic import photo_like
+
+    rng = np.random.default_rng(seed)
+    pictures = [photo_like(rng, size, size) for _ in range(n)]
+    images = torch.from_numpy(np.stack([np.asarray(p) for p in pictures])).permute(0, 3, 1, 2)  # channels_last
+    hparams = dict(translate_pct=0.45, img_mean=IMAGENET_FILL, interpolation=Image.Resampling.BICUBIC)
+    aug = RandAugment(spec)
+
+    def best(run) -> float:  # us per image
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times) / n * 1e6
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lines = [f"RandAugment ops, {n} x 3 x {size} x {size} uint8 (photo-like, channels_last), magnitude "
+                 f"{magnitude:g}, 1 torch thread; us per image, best of {repeats}",
+                 f"{'op':<28}{'ours':>10}{'timm (PIL)':>12}{'timm / ours':>13}"]
+        total = [0.0, 0.0]
+        for index, name in enumerate(aug.op_names):
+            params = RandAugmentParams(op=np.full((n, 1), index), applied=np.ones((n, 1), dtype=bool),
+                                       magnitude=np.full((n, 1), magnitude), negate=rng.random((n, 1)) < 0.5)
+            op = AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
+            ours = best(lambda params=params: aug.apply(images, params))
+            theirs = best(lambda op=op: [op(p) for p in pictures])
+            total = [total[0] + ours, total[1] + theirs]
+            lines.append(f"{name:<28}{ours:>10,.0f}{theirs:>12,.0f}{theirs / ours:>13.2f}")
+        ours, theirs = (t / len(aug.op_names) for t in total)
+        lines.append(f"{'mean of the ops':<28}{ours:>10,.0f}{theirs:>12,.0f}{theirs / ours:>13.2f}")
+        # the whole policy: ours on 4 drawn parameter sets, timm's transform on 4 passes (seeded as `bench`)
+        draws = [aug.draw(np.random.default_rng(seed + i), n) for i in range(4)]
+        ours = best(lambda: [aug.apply(images, p) for p in draws]) / len(draws)
+        transform = rand_augment_transform(spec, {**hparams, "translate_const": int(size * 0.45)})
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        theirs = best(lambda: [_timm_or_black(transform, p) for _ in range(4) for p in pictures]) / 4
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        lines.append(f"{'policy ' + spec:<28}{ours:>10,.0f}{theirs:>12,.0f}{theirs / ours:>13.2f}")
+    finally:
+        torch.set_num_threads(threads)
+    table = "\n".join(lines)
+    print(table)
+    return table

@@ -490,6 +490,21 @@ def test_bench_runs(capsys: pytest.CaptureFixture[str]):
     assert line in capsys.readouterr().out
 
 
+def test_bench_ops_times_every_op_and_the_policy(capsys: pytest.CaptureFixture[str]):
+    from pipeline.randaugment import bench_ops
+
+    threads = torch.get_num_threads()
+    table = bench_ops(n=2, size=32, repeats=1)
+    assert torch.get_num_threads() == threads  # its one thread is given back
+    rows = {line[:28].strip(): line[28:].split() for line in table.splitlines()[2:]}
+    assert list(rows) == [*INCREASING_OPS, "mean of the ops", "policy rand-m9-mstd0.5-inc1"]
+    for name, cells in rows.items():
+        ours, theirs, ratio = (float(c.replace(",", "")) for c in cells)
+        assert ours > 0 and theirs > 0, name  # whole microseconds: the ratio of the unrounded times
+        assert (theirs - 0.5) / (ours + 0.5) - 0.01 <= ratio <= (theirs + 0.5) / (ours - 0.5) + 0.01, name
+    assert table in capsys.readouterr().out
+
+
 def test_chunking_never_changes_the_result(images: np.ndarray):
     """Images per kernel call (``chunk_pixels``) is a speed knob only."""
     batch = to_batch(np.concatenate([images] * 4))
