@@ -956,3 +956,24 @@ def test_two_workers_train_a_compiled_student_as_the_eager_run(reference: Ran, t
         assert loss == pytest.approx(expected, rel=1e-4), step
     state = load_checkpoint(latest_checkpoint(tmp_path / "storage" / "compiled")).model
     assert state.keys() == load_checkpoint(latest_checkpoint(reference.run_dir)).model.keys()
+
+
+def test_evaluation_runs_eager_once_compile_ran_and_a_worker_never_imports_dynamo_for_it() -> None:
+    """`evaluate_model`'s force_eager stance: applied once torch.compile has run in the process (compiled code
+    must not serve evaluation), and not imported before: torch._dynamo costs each Ray worker ~1.7 s."""
+    from trainer.worker import _eager_once_compiled
+
+    probe = "import sys, trainer.worker; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+    graphs: list[Any] = []
+
+    def counting_backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    double_plus_one = torch.compile(lambda x: x * 2 + 1, backend=counting_backend)
+    evaluate = _eager_once_compiled(lambda x: double_plus_one(x))
+    assert torch.equal(evaluate(torch.ones(3)), torch.full((3,), 3.0)) and graphs == []  # eager: nothing compiled
+    assert torch.equal(double_plus_one(torch.ones(3)), torch.full((3,), 3.0)) and len(graphs) == 1

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -369,8 +370,24 @@ def evaluate(p: Parts) -> dict[str, float]:
     return out
 
 
+def _eager_once_compiled(fn):
+    """``fn`` under torch's force_eager stance once torch.compile has run in this process (its compiled code
+    would otherwise serve, or recompile for, evaluation's shapes). A process that never compiled has no
+    compiled code and skips the stance: importing torch._dynamo for it alone costs ~1.7 s of CPU, paid by
+    every Ray worker and CLI that imports this module."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")
+@_eager_once_compiled
 def evaluate_model(model: torch.nn.Module, loader: EvalLoader, config: TrainConfig, device: torch.device,
                    prefix: str = "eval", real: RealLabels | None = None) -> dict[str, float]:
     """One pass of ``loader`` through the bare ``model`` in eval mode (eager, under the run's autocast):
