@@ -281,10 +281,10 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _in_layout_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` in x's memory layout (one copy when they differ): the per-image path of
+    """``out`` in x's memory layout on a CPU (one copy when they differ): the per-image path of
     `RandAugment.apply` copies each result into the batch, and a copy between layouts there would be
-    slower than this one."""
-    if out.stride() == x.stride() or not is_channels_last(x):
+    slower than this one. Elsewhere ``out`` as it is: the batched path's copy into the batch converts."""
+    if x.device.type != "cpu" or out.stride() == x.stride() or not is_channels_last(x):
         return out
     return torch.empty_like(x).copy_(out)
 
@@ -470,8 +470,9 @@ def _sharpness(x: torch.Tensor, args: torch.Tensor) -> torch.Tensor:
     SMOOTH is (1 1 1 / 1 5 1 / 1 1 1) / 13; PIL's Filter.c sums in float32 with a +0.5 bias and truncates,
     which equals the integer (2 * S + 13) // 26 (S/13 + 1/2 is never within 1/26 of an integer), and
     copies the one-pixel border unchanged (images smaller than 3x3 are copied whole). S is the 3x3 box sum
-    (columns, then rows) plus 4x the centre, in float32, exact for these small integers; so is the floor of
-    the correctly rounded (2 * S + 13) / 26, as no quotient is within 1/26 of the next integer but one."""
+    (columns, then rows) plus 4x the centre, in float32, exact for these small integers; the floor division
+    is floor((2 * S + 13.5) / 26) in float32: the half keeps every quotient at least 1/52 away from an
+    integer, so a division that rounds (on any device) cannot move it across one."""
     h, w = x.shape[2], x.shape[3]
     degenerate = x.to(torch.float32)
     if h >= 3 and w >= 3:
@@ -479,7 +480,7 @@ def _sharpness(x: torch.Tensor, args: torch.Tensor) -> torch.Tensor:
         columns += degenerate[:, :, 2:]  # [k, 3, H-2, W]
         box = columns[..., :-2] + columns[..., 1:-1]
         box += columns[..., 2:]
-        smooth = box.add_(degenerate[:, :, 1:-1, 1:-1], alpha=4).mul_(2).add_(13).div_(26).floor_()
+        smooth = box.add_(degenerate[:, :, 1:-1, 1:-1], alpha=4).mul_(2).add_(13.5).div_(26).floor_()
         degenerate[:, :, 1:-1, 1:-1] = smooth
     return _blend(degenerate, x, args)
 
