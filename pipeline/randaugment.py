@@ -426,6 +426,9 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, args: torch.Tensor) -> tor
     return _to_uint8(out.clamp_(0, 255))  # the cast truncates
 
 
+_LUMA_WEIGHTS = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)
+
+
 def _luma(x: torch.Tensor, matmul: bool | None = None) -> torch.Tensor:
     """PIL's RGB -> L conversion (Convert.c rgb2l): (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, as float32.
     Computed in float32 (on a CPU as a matrix product over the pixels), which is exact: every product and
@@ -433,7 +436,7 @@ def _luma(x: torch.Tensor, matmul: bool | None = None) -> torch.Tensor:
     shift is a division by a power of two and a floor. Returns [k, 1, H, W]. ``matmul`` picks the form
     (default: the matrix product on a CPU, elementwise elsewhere)."""
     pixels = x.permute(0, 2, 3, 1).to(torch.float32)  # [k, H, W, 3]: dense for channels_last memory
-    weights = torch.tensor([19595.0, 38470.0, 7471.0], device=x.device)
+    weights = to_device(_LUMA_WEIGHTS, x.device)  # no host wait for a GPU's queued work
     if matmul is None:
         matmul = x.device.type == "cpu"  # there a reduction over an innermost dim of 3 is ~5x slower
     # elementwise off a CPU: a GPU's float32 matrix products may run in TF32, whose 10-bit mantissa rounds
