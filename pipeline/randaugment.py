@@ -47,6 +47,7 @@ Known differences from running timm itself:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -875,6 +876,28 @@ class RandAugment:
 # benchmark
 
 
+@contextlib.contextmanager
+def _seeded_globally(seed: int):
+    """Python's and numpy's global generators (timm's RandAugment draws from them) seeded for the block,
+    then given back their state."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _timm_or_black(transform, picture):
+    """timm's transform, or None where a recent Pillow raises (PosterizeIncreasing at magnitude >= 10)."""
+    try:
+        return transform(picture)
+    except ValueError:
+        return None
+
+
 def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, seed: int = 0) -> str:
     """Time this RandAugment on one batch against timm's per-image PIL RandAugment (one process) and DALI's
     stock ``rand_augment`` on the same images; prints and returns one line with images/s for each."""
@@ -909,19 +932,10 @@ def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, 
         "rand-m9-mstd0.5-inc1",
         dict(translate_const=int(size * 0.45), img_mean=IMAGENET_FILL, interpolation=Image.Resampling.BICUBIC),
     )
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    crashed = 0
-    start = time.perf_counter()
-    for picture in pictures:
-        try:
-            timm_aug(picture)
-        except ValueError:  # PosterizeIncreasing at magnitude >= 10 on a recent Pillow
-            crashed += 1
-    timm_rate = n / (time.perf_counter() - start)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
+    with _seeded_globally(seed):
+        start = time.perf_counter()
+        crashed = sum(_timm_or_black(timm_aug, picture) is None for picture in pictures)
+        timm_rate = n / (time.perf_counter() - start)
     dali_rate = stock_rand_augment_rate(nhwc.cpu().numpy() if dev.type == "cpu" else nhwc,
                                         None if dev.type == "cpu" else (dev.index or 0),
                                         threads=torch.get_num_threads() if dev.type == "cpu" else 4,
@@ -934,14 +948,6 @@ def bench(n: int = 256, size: int = 224, device: str = "cpu", repeats: int = 3, 
             + (f" ({crashed} images raised in timm)" if crashed else ""))
     print(line)
     return line
-
-
-def _timm_or_black(transform, picture):
-    """timm's transform, or None where a recent Pillow raises (PosterizeIncreasing at magnitude >= 10)."""
-    try:
-        return transform(picture)
-    except ValueError:
-        return None
 
 
 def bench_ops(n: int = 32, size: int = 224, magnitude: float = 9.0, repeats: int = 4, seed: int = 0,
@@ -991,12 +997,8 @@ def bench_ops(n: int = 32, size: int = 224, magnitude: float = 9.0, repeats: int
         draws = [aug.draw(np.random.default_rng(seed + i), n) for i in range(4)]
         ours = best(lambda: [aug.apply(images, p) for p in draws]) / len(draws)
         transform = rand_augment_transform(spec, {**hparams, "translate_const": int(size * 0.45)})
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed)
-        theirs = best(lambda: [_timm_or_black(transform, p) for _ in range(4) for p in pictures]) / 4
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        with _seeded_globally(seed):
+            theirs = best(lambda: [_timm_or_black(transform, p) for _ in range(4) for p in pictures]) / 4
         lines.append(f"{'policy ' + spec:<28}{ours:>10,.0f}{theirs:>12,.0f}{theirs / ours:>13.2f}")
     finally:
         torch.set_num_threads(threads)
