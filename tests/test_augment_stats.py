@@ -227,3 +227,49 @@ def test_simple_crop_through_dali_equals_torchvisions_reflect_padded_crop(flip: 
         if flip:
             expected = TF.hflip(expected)
         assert np.array_equal(view, np.asarray(expected)), (top, left)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_random_resized_crops_through_dali_are_timms_crop_then_resize(repeats: int) -> None:
+    """Each view is timm's ``resized_crop`` (PIL: crop the box, then resize it bicubic, antialiased) of the
+    same box, to a few levels. One view per image is decoded alone (ROI decoding) and resized whole, so
+    its edges stop where PIL's do; k views are cut from one decode (their taps read past the box)."""
+    import io
+
+    from pipeline.dali_graph import train_graph
+    from pipeline.synthetic import jpeg_bytes
+
+    size = 64
+    rng = np.random.default_rng(11)
+    encoded = [jpeg_bytes(rng, int(w), int(h), mode=mode)
+               for (w, h), mode in zip([(160, 120), (97, 211), (300, 64), (128, 128), (150, 100), (90, 140)],
+                                       ["RGB", "RGB", "RGB", "RGB", "L", "CMYK"], strict=True)]
+    pictures = [Image.open(io.BytesIO(e)).convert("RGB") for e in encoded]
+    cfg = AugmentConfig(image_size=size)
+    views = draw_views(np.random.default_rng(3), np.array([p.width for p in pictures]),
+                       np.array([p.height for p in pictures]), repeats, cfg)
+    views.boxes[0, 0] = [0, 0, 1, 1]  # the whole image (the fallback's kind of box)
+
+    def source():
+        return ([np.frombuffer(e, np.uint8) for e in encoded], list(views.boxes.copy()),
+                [np.zeros(repeats, np.int32) for _ in encoded])
+
+    pipe = train_graph(source, len(encoded), repeats, cfg, device_id=None, num_threads=1)
+    pipe.build()
+    (out,) = pipe.run()
+    got = np.array(out.as_tensor()).astype(np.int16)  # [n, k, S, S, 3]
+    worst = []
+    for i, picture in enumerate(pictures):
+        for v in range(repeats):
+            y0, x0, y1, x1 = views.boxes[i, v]
+            box = tuple(round(float(t)) for t in (x0 * picture.width, y0 * picture.height, x1 * picture.width,
+                                                  y1 * picture.height))
+            expected = np.asarray(picture.crop(box).resize((size, size), Image.Resampling.BICUBIC), np.int16)
+            diff = np.abs(got[i, v] - expected)
+            worst.append((diff.mean(), diff.max()))
+    means, maxima = np.array(worst).T
+    assert means.max() < 0.4, means
+    # decoded alone, a crop differs from PIL's only by rounding; cut from the whole image, its edge pixels
+    # also see the pixels just outside the box
+    assert maxima.max() <= (2 if repeats == 1 else 20), maxima
