@@ -17,7 +17,8 @@ if [ ! -f "$stamp" ]; then
   {
     # torch's CUDA build; on this project's machines pip takes it from local disk
     .venv/bin/python -m pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1 &&
-    .venv/bin/python -m pip install -c constraints.txt -e ".[cuda$cuda,test]"
+    # PIP_CONSTRAINT also pins what pip's isolated build of the editable install fetches (setuptools)
+    PIP_CONSTRAINT="$PWD/constraints.txt" .venv/bin/python -m pip install -c constraints.txt -e ".[cuda$cuda,test]"
   } >.venv/install.log 2>&1 || { tail -n 40 .venv/install.log >&2; echo "install failed: see .venv/install.log" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 {
   echo "# Exact versions scripts/bootstrap.sh installs (pip -c). Made by scripts/lock.sh from a .venv whose"
   echo "# test suite passed; edit through that script, not by hand."
-  .venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^distillery'
+  .venv/bin/python -m pip freeze --all --exclude pip --exclude-editable --disable-pip-version-check |
+    grep -v '^distillery'  # --all: setuptools (torch needs it) and wheel; pip is the interpreter's own
 } >constraints.txt.tmp
 mv constraints.txt.tmp constraints.txt
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) pinned packages" >&2
