@@ -15,18 +15,22 @@ teardown check that every process they started is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from infra.objectstore import ObjectStore, start_object_store, stop_object_store
-from infra.procs import pid_alive, process_family
+from infra.procs import descendants, pid_alive, process_cmdline, process_family
 from infra.raycluster import RayHead, head_processes, start_ray_head, stop_ray_head
 from infra.tracking import TrackingServer, start_tracking_server, stop_tracking_server
 
@@ -106,6 +110,31 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         assert not head_processes(head), "Ray head: processes naming its temp dir survived"
 
 
+def _rays_processes(temp_dir: str) -> list[int]:
+    """This process's descendants that belong to its local Ray: GCS, raylet, dashboard (their arguments
+    name ``temp_dir``) and the workers and actors (``ray::...``, their title once started)."""
+    def rays(argv: list[str]) -> bool:
+        return bool(argv) and (argv[0].startswith("ray::") or any(temp_dir in arg for arg in argv))
+
+    return [pid for pid in descendants(os.getpid()) if rays(process_cmdline(pid))]
+
+
+def _stop_survivors(pids: list[int], what: str, grace: float = 10.0) -> None:
+    """Give ``pids`` ``grace`` seconds to exit, then SIGKILL the rest and warn: a Ray worker that outlives
+    its raylet (once, a Ray Train controller, re-parented to init) would take CPU from every later test."""
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in pids if pid_alive(p)]
+    if not survivors:
+        return
+    names = {p: " ".join(process_cmdline(p))[:60] for p in survivors}
+    for pid in survivors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    warnings.warn(f"{what}: {names} outlived its shutdown by {grace:.0f} s; killed", stacklevel=2)
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
     """A local Ray on 127.0.0.1 (what ``run`` starts without RAY_ADDRESS), per test module, shut down at its
@@ -125,7 +154,9 @@ def local_ray() -> Any:
     try:
         yield ray
     finally:
+        started = _rays_processes(temp)  # before the shutdown, while the workers are still the raylet's
         ray.shutdown()
+        _stop_survivors(started, "the local Ray")
         shutil.rmtree(temp, ignore_errors=True)
         if saved is None:
             os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
