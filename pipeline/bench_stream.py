@@ -48,14 +48,14 @@ def _sync(device: str) -> None:
 
 
 def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: int, device: str,
-               size: int, augment: bool = True) -> tuple[float, float]:
+               size: int, augment: bool = True, decode_crop: bool = True) -> tuple[float, float]:
     """views/s and shard bytes per view of this loader, with the batch augmentation (``augment``) or
-    DALI's decode + crops alone."""
+    DALI's decode + crops alone; ``decode_crop=False`` decodes a lone view's whole image (`train_graph`)."""
     if device == "cpu":  # DALI's `workers` threads decode and crop; the batch stage gets the main thread
         torch.set_num_threads(1)
     data = DataConfig(batch_size=batch, augment=AugmentConfig(image_size=size),
                       stream=StreamConfig(repeats=repeats, shuffle_buffer=256))
-    loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers)
+    loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers, decode_crop=decode_crop)
     batch_aug = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
     step = batch_aug if augment else (lambda views, labels, rng: (views, labels))
     batches = iter(loader)
@@ -228,6 +228,8 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
                          f"{ratios.min():.2f}-{ratios.max():.2f}"))
         # decode + crop alone, the same two ways: where the time goes before any augmentation
         crop_rate, crop_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False)
+        whole_rate, whole_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False,
+                                            decode_crop=False)
         crop3_rate, crop3_view = bench_dali(shards, batch, 3, workers, views, device, size, augment=False)
         peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
         dali_resize, pil_resize = bench_resize(shards, workers, size)
@@ -240,6 +242,7 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
         lines.append(f"{name:<34}{rate:>10.0f}{bytes_per_view / 1e3:>14.1f}{ratio:>13.2f}{spread:>12}")
     lines.append(f"{'decode + random resized crop only':<34}{'views/s':>10}{'':>14}{'vs timm+PIL':>13}")
     for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
+                                       ("dali, crop only, whole decode", whole_rate, whole_view, peer_crop),
                                        ("dali x3, crop only", crop3_rate, crop3_view, peer_crop),
                                        ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):
         lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / base:>13.2f}")

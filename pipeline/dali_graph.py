@@ -55,7 +55,8 @@ def crop_resize(images, box, size: int, interp):
 
 
 def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg: AugmentConfig,
-                device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0):
+                device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0,
+                decode_crop: bool = True):
     """A DALI pipeline: (encoded, boxes [k,4], flips [k]) per image -> views [k,S,S,3]. Labels stay on the
     host beside the graph: a CPU output of a graph on a GPU may come back pinned and ordered on torch's
     stream, and reading it would make the host wait for the step queued there (see `run_graph`).
@@ -65,7 +66,8 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
     timm crops then resizes. Its boxes are whole pixels (`views.random_resized_boxes`), so the decoded
     region is exactly the crop. With k views the image is decoded once and each view resized from its
     box in it, so the filter's taps at a crop's edge read the pixels just outside it (PIL's stop at the
-    edge): a difference of ~0.01 levels on average, up to ~10 in a few edge pixels."""
+    edge): a difference of ~0.01 levels on average, up to ~10 in a few edge pixels. ``decode_crop=False``
+    decodes the whole image for one view too (the benchmarks' baseline)."""
     from nvidia.dali import fn, pipeline_def, types
 
     size = cfg.image_size
@@ -76,7 +78,7 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
     def graph():
         encoded, boxes, flips = fn.external_source(
             source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT32], no_copy=False)
-        if repeats == 1 and cfg.crop == "rrc":  # one view inside the image: decode its crop alone
+        if decode_crop and repeats == 1 and cfg.crop == "rrc":  # one view inside the image: its crop alone
             crop = fn.decoders.image_slice(encoded, device=_decoder_device(device_id), output_type=types.RGB,
                                            rel_start=boxes[0][0:2], rel_end=boxes[0][2:4], axis_names="HW")
             views = [fn.flip(fn.resize(crop, size=[size, size], interp_type=interp, antialias=True),

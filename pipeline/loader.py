@@ -111,7 +111,7 @@ class TrainLoader:
 
     def __init__(self, shards: ShardSet, data: DataConfig, world: int = 1, rank: int = 0, device: str = "cpu",
                  threads: int = 4, dali_threads: int = 2, state: dict[str, Any] | None = None,
-                 exact_batch: bool = True):
+                 exact_batch: bool = True, decode_crop: bool = True):
         self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
         self.repeats = data.stream.repeats
         if 0 < data.augment.replay_views < self.repeats:
@@ -140,7 +140,7 @@ class TrainLoader:
         self._next_step = self.step
         self._device_id = device_id_of(device)
         self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, self._device_id,
-                                num_threads=dali_threads, seed=data.stream.seed + rank)
+                                num_threads=dali_threads, seed=data.stream.seed + rank, decode_crop=decode_crop)
 
     @property
     def metrics(self) -> StreamMetrics:

@@ -50,7 +50,8 @@ def test_the_whole_suite_runs_without_ray_mlflow_or_s3_packages(tmp_path: Path) 
     assert re.search(r"^\| DALI alone \| outputs on torch's stream \(check\) \| - \|.*copy out behind 0 ms of "
                      r"queued GPU work: [\d.]+ ms with outputs on torch's stream \(run_graph\), [\d.]+ ms "
                      r"host-synchronous \|$", table, re.M)
-    assert table.count("| DALI alone |") == 5 and table.count("| batch augmentation | RandAugment alone") == 3
+    assert "| DALI alone | decode + RRC, the whole image decoded (the row above decodes the crop alone) |" in table
+    assert table.count("| DALI alone |") == 6 and table.count("| batch augmentation | RandAugment alone") == 3
     assert "full pipeline (cache, x3) / model only" in table
     assert re.search(r"^\| remote teacher \| send path, no Ray \| [\d,]+ \| - \| - \| - \| "
                      r".*a send; 4 sent, the first and the last checked: 2 intact \|$", table, re.M)  # --quick: 2 timed

@@ -27,8 +27,8 @@ time does not depend on them. Data: generated ImageNet-like JPEGs (~460x350 px, 
    (``distill.compile_teacher=true``; with ``--compile`` not empty).
 3. **peers**: timm's ``create_transform`` with PIL in a torch DataLoader (one worker process per core)
    reading the same shard bytes, timm's Mixup, the online teacher and the same step, as DeiT's code trains.
-4. **DALI alone**: decode + random resized crop, the same with the whole batch augmentation, and
-   decode once -> 3 views.
+4. **DALI alone**: decode + random resized crop (the crop decoded alone, and the whole image decoded as
+   its baseline), the same with the whole batch augmentation, and decode once -> 3 views.
 5. **checkpoints**: the largest model's model-only step with a checkpoint every ``--steps // 3`` steps,
    written on the training thread and in the background (``checkpoint.background``).
 6. **remote teacher**: ``distill.source=remote``'s send path without Ray: batches copied to pinned host
@@ -772,15 +772,19 @@ def _dali_alone(s: Settings, device: torch.device, shards_url: str, rows: _Rows)
     views = s.batch * (s.steps + s.warmup)
     dev = "cpu" if device.type == "cpu" else str(device)
 
-    def measure(label: str, repeats: int, augment: bool) -> GpuRow:
-        rate, per_view = bench_dali(shards, s.batch, repeats, s.threads, views, dev, s.size, augment=augment)
+    def measure(label: str, repeats: int, augment: bool, decode_crop: bool = True) -> GpuRow:
+        rate, per_view = bench_dali(shards, s.batch, repeats, s.threads, views, dev, s.size, augment=augment,
+                                    decode_crop=decode_crop)
         torch.set_num_threads(max(1, os.cpu_count() or 1))  # bench_dali gives a CPU batch stage one thread
         return GpuRow("DALI alone", label, rate, note=f"{per_view / 1e3:.1f} KB of shards read per view")
 
-    for label, repeats, augment in (("decode + RRC", 1, False), ("decode + RRC + batch augmentation", 1, True),
-                                    ("decode once -> 3 RRC views", 3, False),
-                                    ("decode once -> 3 views + batch augmentation", 3, True)):
-        rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment: measure(a, k, g), priority=DALI)
+    whole = "decode + RRC, the whole image decoded (the row above decodes the crop alone)"
+    for label, repeats, augment, crop in (("decode + RRC", 1, False, True), (whole, 1, False, False),
+                                          ("decode + RRC + batch augmentation", 1, True, True),
+                                          ("decode once -> 3 RRC views", 3, False, True),
+                                          ("decode once -> 3 views + batch augmentation", 3, True, True)):
+        rows.add("DALI alone", label, lambda a=label, k=repeats, g=augment, c=crop: measure(a, k, g, c),
+                 priority=DALI if crop else MORE)
     rows.add("DALI alone", "outputs on torch's stream (check)", lambda: _dali_output_order(s, device, shards),
              priority=DALI)
     for chunk in (None, 1 << 22, 1 << 30):  # the default chunk of images per kernel, 4x it, the whole batch
