@@ -48,14 +48,17 @@ def _sync(device: str) -> None:
 
 
 def bench_dali(shards: ShardSet, batch: int, repeats: int, workers: int, views: int, device: str,
-               size: int, augment: bool = True, decode_crop: bool = True) -> tuple[float, float]:
+               size: int, augment: bool = True, decode_crop: bool = True,
+               torch_resize: bool = True) -> tuple[float, float]:
     """views/s and shard bytes per view of this loader, with the batch augmentation (``augment``) or
-    DALI's decode + crops alone; ``decode_crop=False`` decodes a lone view's whole image (`train_graph`)."""
+    DALI's decode + crops alone; ``decode_crop=False`` decodes a lone view's whole image,
+    ``torch_resize=False`` resizes the views with DALI's CPU ``fn.resize`` instead of torch's (`train_graph`)."""
     if device == "cpu":  # DALI's `workers` threads decode and crop; the batch stage gets the main thread
         torch.set_num_threads(1)
     data = DataConfig(batch_size=batch, augment=AugmentConfig(image_size=size),
                       stream=StreamConfig(repeats=repeats, shuffle_buffer=256))
-    loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers, decode_crop=decode_crop)
+    loader = TrainLoader(shards, data, device=device, threads=workers, dali_threads=workers, decode_crop=decode_crop,
+                         torch_resize=torch_resize)
     batch_aug = BatchAugment(data.augment, data.mix, num_classes=int(shards.labels.max()) + 1)
     step = batch_aug if augment else (lambda views, labels, rng: (views, labels))
     batches = iter(loader)
@@ -133,17 +136,20 @@ def bench_timm_pil(shards: ShardSet, batch: int, workers: int, views: int, devic
     return done / (time.perf_counter() - start)
 
 
-def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, repeats: int = 3) -> tuple[float, float]:
+def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48,
+                 repeats: int = 3) -> tuple[float, float, float]:
     """views/s of the view's cut alone (random resized crop boxes of the recipe, bicubic, antialiased) on
     images decoded beforehand: DALI's ``fn.resize`` as the train graph calls it (``crop_resize``), on
-    ``workers`` threads (CPU operators, or the GPU when there is one), against PIL's ``Image.resize``
-    with the same boxes on ``workers`` threads (PIL releases the GIL while it resamples)."""
+    ``workers`` threads (CPU operators, or the GPU when there is one), torch's as a CPU graph cuts them
+    (`pipeline.host_resize.TorchCut`, ``workers`` threads), and PIL's ``Image.resize`` with the same boxes
+    on ``workers`` threads (PIL releases the GIL while it resamples)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from nvidia.dali import fn, pipeline_def
     from PIL import Image
 
     from pipeline.dali_graph import _interp, crop_resize
+    from pipeline.host_resize import TorchCut
     from pipeline.stream import SampleStream
     from pipeline.views import draw_views
 
@@ -178,6 +184,13 @@ def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, re
         out.as_cpu()
     dali_rate = len(arrays) * repeats / (time.perf_counter() - start)
 
+    cut_by_torch = TorchCut(size, cfg.interpolation, workers)
+    cut_by_torch(arrays, [b[0] for b in boxes])  # warm-up, and the pool started
+    start = time.perf_counter()
+    for v in range(repeats):
+        cut_by_torch(arrays, [b[v] for b in boxes])
+    torch_rate = len(arrays) * repeats / (time.perf_counter() - start)
+
     def cut(i: int, v: int) -> Image.Image:
         p, (y0, x0, y1, x1) = pictures[i], boxes[i, v]
         return p.resize((size, size), Image.Resampling.BICUBIC,
@@ -189,7 +202,7 @@ def bench_resize(shards: ShardSet, workers: int, size: int, images: int = 48, re
         list(pool.map(cut, [i for i in range(len(pictures)) for _ in range(repeats)],
                       [v for _ in range(len(pictures)) for v in range(repeats)]))
     pil_rate = len(pictures) * repeats / (time.perf_counter() - start)
-    return dali_rate, pil_rate
+    return dali_rate, torch_rate, pil_rate
 
 
 def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 48, workers: int | None = None,
@@ -231,8 +244,13 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
         whole_rate, whole_view = bench_dali(shards, batch, 1, workers, views, device, size, augment=False,
                                             decode_crop=False)
         crop3_rate, crop3_view = bench_dali(shards, batch, 3, workers, views, device, size, augment=False)
+        # DALI's own CPU resize for the views: the GPU's graph node for node (on a GPU, the rows above)
+        dali_rs_rate, _ = bench_dali(shards, batch, 1, workers, views, device, size, augment=False,
+                                     torch_resize=False)
+        dali_rs3_rate, _ = bench_dali(shards, batch, 3, workers, views, device, size, augment=False,
+                                      torch_resize=False)
         peer_crop = bench_timm_pil(shards, batch, workers, views, device, size, augment=False)
-        dali_resize, pil_resize = bench_resize(shards, workers, size)
+        dali_resize, torch_resize, pil_resize = bench_resize(shards, workers, size)
     lines = [f"pipeline bench stream: {len(shards)} images ({shards.sizes.mean() / 1e3:.0f} KB avg, {origin}), "
              f"{size}px, batch {batch}, {workers} workers, device {device}, {rounds} rounds (the loaders in turn; "
              f"medians over rounds)",
@@ -244,9 +262,12 @@ def bench_stream(shards_url: str | None = None, images: int = 600, batch: int = 
     for name, rate, per_view, base in (("dali, crop only", crop_rate, crop_view, peer_crop),
                                        ("dali, crop only, whole decode", whole_rate, whole_view, peer_crop),
                                        ("dali x3, crop only", crop3_rate, crop3_view, peer_crop),
+                                       ("dali, crop only, DALI's resize", dali_rs_rate, crop_view, peer_crop),
+                                       ("dali x3, crop only, DALI's resize", dali_rs3_rate, crop3_view, peer_crop),
                                        ("timm+PIL, crop only", peer_crop, float(shards.sizes.mean()), peer_crop)):
         lines.append(f"{name:<34}{rate:>10.0f}{per_view / 1e3:>14.1f}{rate / base:>13.2f}")
     lines.append(f"{'resize alone (decoded, same boxes)':<34}{'views/s':>10}{'':>14}{'vs PIL':>13}")
-    for name, rate in (("dali fn.resize", dali_resize), ("PIL Image.resize", pil_resize)):
+    for name, rate in (("dali fn.resize", dali_resize), ("torch interpolate (the CPU's cut)", torch_resize),
+                       ("PIL Image.resize", pil_resize)):
         lines.append(f"{name:<34}{rate:>10.0f}{'':>14}{rate / pil_resize:>13.2f}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 
 from pipeline.config import AugmentConfig
+from pipeline.host_resize import host_centre, host_cut, usable
 
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN",
            "lanczos": "INTERP_LANCZOS3"}
@@ -56,7 +57,7 @@ def crop_resize(images, box, size: int, interp):
 
 def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg: AugmentConfig,
                 device_id: int | None, num_threads: int = 2, prefetch: int = 2, seed: int = 0,
-                decode_crop: bool = True):
+                decode_crop: bool = True, torch_resize: bool = True):
     """A DALI pipeline: (encoded, boxes [k,4], flips [k]) per image -> views [k,S,S,3]. Labels stay on the
     host beside the graph: a CPU output of a graph on a GPU may come back pinned and ordered on torch's
     stream, and reading it would make the host wait for the step queued there (see `run_graph`).
@@ -67,11 +68,17 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
     region is exactly the crop. With k views the image is decoded once and each view resized from its
     box in it, so the filter's taps at a crop's edge read the pixels just outside it (PIL's stop at the
     edge): a difference of ~0.01 levels on average, up to ~10 in a few edge pixels. ``decode_crop=False``
-    decodes the whole image for one view too (the benchmarks' baseline)."""
+    decodes the whole image for one view too (the benchmarks' baseline).
+
+    On a CPU (``device_id=None``) the random resized crops are resized by torch (`pipeline.host_resize`,
+    several times faster than DALI's CPU resize), and each crop, one view's or k views', is then exactly
+    the box resized, as timm's; ``torch_resize=False`` keeps DALI's ``fn.resize`` there, which is the GPU's
+    graph node for node (what the tests check on a CPU)."""
     from nvidia.dali import fn, pipeline_def, types
 
     size = cfg.image_size
     interp = _interp(cfg.interpolation)
+    by_torch = torch_resize and cfg.crop == "rrc" and usable(device_id, cfg.interpolation)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, seed=seed, exec_dynamic=True)
@@ -81,13 +88,16 @@ def train_graph(source: Callable[[], tuple], batch_size: int, repeats: int, cfg:
         if decode_crop and repeats == 1 and cfg.crop == "rrc":  # one view inside the image: its crop alone
             crop = fn.decoders.image_slice(encoded, device=_decoder_device(device_id), output_type=types.RGB,
                                            rel_start=boxes[0][0:2], rel_end=boxes[0][2:4], axis_names="HW")
-            views = [fn.flip(fn.resize(crop, size=[size, size], interp_type=interp, antialias=True),
-                             horizontal=flips[0])]
+            resized = (host_cut(crop, size, cfg.interpolation, num_threads) if by_torch else
+                       fn.resize(crop, size=[size, size], interp_type=interp, antialias=True))
+            views = [fn.flip(resized, horizontal=flips[0])]
         else:
             images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
             views = []
             for v in range(repeats):  # decoded once, cut k times
-                views.append(fn.flip(crop_resize(images, boxes[v], size, interp), horizontal=flips[v]))
+                resized = (host_cut(images, size, cfg.interpolation, num_threads, box=boxes[v]) if by_torch else
+                           crop_resize(images, boxes[v], size, interp))
+                views.append(fn.flip(resized, horizontal=flips[v]))
         stacked = fn.stack(*views) if repeats > 1 else fn.expand_dims(views[0], axes=[0])
         return stacked
 
@@ -100,18 +110,22 @@ def eval_size(cfg: AugmentConfig) -> int:
 
 
 def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig, device_id: int | None,
-               num_threads: int = 2, prefetch: int = 2):
+               num_threads: int = 2, prefetch: int = 2, torch_resize: bool = True):
     """A DALI pipeline: encoded -> image [S,S,3] uint8: resize shorter side, centre crop (labels: as
-    `train_graph`'s)."""
+    `train_graph`'s). On a CPU torch resizes and crops, as torchvision does (`pipeline.host_resize`);
+    ``torch_resize=False`` keeps DALI's operators there, the GPU's graph."""
     from nvidia.dali import fn, pipeline_def, types
 
     size = cfg.image_size
+    by_torch = torch_resize and usable(device_id, cfg.eval_interpolation)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
         encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
         images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
+        if by_torch:
+            return host_centre(images, eval_size(cfg), size, cfg.eval_interpolation, num_threads)
         resized = fn.resize(images, resize_shorter=eval_size(cfg), interp_type=_interp(cfg.eval_interpolation),
                             antialias=True)
         return fn.crop(resized, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
@@ -120,14 +134,17 @@ def eval_graph(source: Callable[[], tuple], batch_size: int, cfg: AugmentConfig,
 
 
 def whole_image_graph(source: Callable[[], tuple], batch_size: int, resolution: int, device_id: int | None,
-                      num_threads: int = 2, interpolation: str = "bicubic"):
-    """(encoded,) -> the whole image resized to resolution x resolution (uint8 HWC): a teacher-cache input."""
+                      num_threads: int = 2, interpolation: str = "bicubic", torch_resize: bool = True):
+    """(encoded,) -> the whole image resized to resolution x resolution (uint8 HWC): a teacher-cache input
+    (resized by torch on a CPU, as `train_graph`'s views)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
     def graph():
         encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
         images = fn.decoders.image(encoded, device=_decoder_device(device_id), output_type=types.RGB)
+        if torch_resize and usable(device_id, interpolation):
+            return host_cut(images, resolution, interpolation, num_threads)
         return fn.resize(images, size=[resolution, resolution], interp_type=_interp(interpolation), antialias=True)
 
     return graph()

@@ -111,7 +111,7 @@ class TrainLoader:
 
     def __init__(self, shards: ShardSet, data: DataConfig, world: int = 1, rank: int = 0, device: str = "cpu",
                  threads: int = 4, dali_threads: int = 2, state: dict[str, Any] | None = None,
-                 exact_batch: bool = True, decode_crop: bool = True):
+                 exact_batch: bool = True, decode_crop: bool = True, torch_resize: bool = True):
         self.shards, self.data, self.world, self.rank, self.device = shards, data, world, rank, device
         self.repeats = data.stream.repeats
         if 0 < data.augment.replay_views < self.repeats:
@@ -140,7 +140,8 @@ class TrainLoader:
         self._next_step = self.step
         self._device_id = device_id_of(device)
         self.pipe = train_graph(self._feed, self.images_per_step, self.repeats, data.augment, self._device_id,
-                                num_threads=dali_threads, seed=data.stream.seed + rank, decode_crop=decode_crop)
+                                num_threads=dali_threads, seed=data.stream.seed + rank, decode_crop=decode_crop,
+                                torch_resize=torch_resize)
 
     @property
     def metrics(self) -> StreamMetrics:
@@ -210,7 +211,8 @@ class EvalLoader:
     `StreamError` that says what to check."""
 
     def __init__(self, shards: ShardSet, data: DataConfig, batch_size: int, world: int = 1, rank: int = 0,
-                 device: str = "cpu", dali_threads: int = 2, max_failed_fraction: float = 0.5):
+                 device: str = "cpu", dali_threads: int = 2, max_failed_fraction: float = 0.5,
+                 torch_resize: bool = True):
         self.shards, self.data, self.device, self.batch_size = shards, data, device, batch_size
         self.max_failed_fraction = max_failed_fraction  # of the shards read so far: more -> StreamError
         self.rows = np.array_split(np.arange(len(shards)), world)[rank]
@@ -219,7 +221,8 @@ class EvalLoader:
         self._batches: Iterator[list[Sample]] = iter(())
         self._current: deque[list[Sample]] = deque()
         self._device_id = device_id_of(device)
-        self.pipe = eval_graph(self._feed, batch_size, data.augment, self._device_id, num_threads=dali_threads)
+        self.pipe = eval_graph(self._feed, batch_size, data.augment, self._device_id, num_threads=dali_threads,
+                               torch_resize=torch_resize)
         self._built = False
 
     def __len__(self) -> int:
