@@ -18,6 +18,7 @@ DALI's GPU resize is fast. `usable` says where torch resizes.
 
 from __future__ import annotations
 
+import abc
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,7 +32,7 @@ def usable(device_id: int | None, interpolation: str) -> bool:
     return device_id is None and interpolation in MODES
 
 
-class _Pooled:
+class _Pooled(abc.ABC):
     """A batch python_function's callable: ``_one`` per sample on a pool of ``threads``. Holds no
     reference to the pipeline (DALI's rule for such a callable)."""
 
@@ -46,8 +47,9 @@ class _Pooled:
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # NCHW view of HWC
         return F.interpolate(pixels, size=(height, width), mode=self.mode, antialias=True)[0].permute(1, 2, 0)
 
+    @abc.abstractmethod
     def _one(self, *sample: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """One sample's inputs -> its resized image."""
 
     def __call__(self, *batches: list[np.ndarray]) -> list[np.ndarray]:
         if self._pool is None:
